@@ -1,0 +1,35 @@
+"""Entry point of the ``vmferry`` command."""
+
+from __future__ import annotations
+
+import click
+
+from vmferry import __version__
+from vmferry.cli import disk
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="vmferry")
+def cli() -> None:
+    """Move virtual machines between hypervisors so that they boot, and manage the
+    differencing-disk (snapshot / checkpoint) chains hypervisors leave behind."""
+
+
+for command in (
+    disk.info,
+    disk.check,
+    disk.convert_cmd,
+    disk.create_cmd,
+    disk.compare_cmd,
+    disk.map_cmd,
+    disk.measure_cmd,
+):
+    cli.add_command(command)
+
+
+def main() -> None:
+    cli(prog_name="vmferry")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""The one door through which every driver touches a file.
+
+Two jobs, both about not trusting image contents:
+
+* every read names *what* it reads and is bounds-checked against the file (and against a
+  memory cap) before a byte is allocated, so a hostile header turns into a
+  ``TruncatedImageError``/``ResourceLimitError`` naming the structure instead of a MemoryError;
+* the file is locked the way qemu locks it (OFD byte-range locks at 100+perm / 200+perm), so a
+  running qemu/libvirt VM and vmferry see each other and neither corrupts the other's image.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import stat
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+from vmferry.errors import (
+    ImageLockedError,
+    ResourceLimitError,
+    TruncatedImageError,
+    UsageError,
+    VmferryError,
+)
+
+#: Largest single metadata read a driver may ask for (a 1 TiB VHDX BAT at 1 MiB blocks is 8 MiB;
+#: a 64 TiB one at 32 MiB blocks is far less).  Data reads pass their own limit.
+MAX_METADATA_READ = 256 * 1024 * 1024
+
+# qemu's permission bits (include/block/block-common.h) and lock-byte bases (block/file-posix.c).
+PERM_CONSISTENT_READ = 0
+PERM_WRITE = 1
+PERM_WRITE_UNCHANGED = 2
+PERM_RESIZE = 3
+_PERM_NAMES = {0: "consistent read", 1: "write", 2: "write unchanged", 3: "resize"}
+_LOCK_PERM_BASE = 100
+_LOCK_SHARED_BASE = 200
+
+_FLOCK = struct.Struct("hhqqi4x")
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def _lock_struct(kind: int, byte: int) -> bytes:
+    return _FLOCK.pack(kind, os.SEEK_SET, byte, 1, 0)
+
+
+class BlockFile:
+    """A file opened for an image, with bounded reads, whole writes and qemu-style locks."""
+
+    def __init__(self, path: str | os.PathLike[str], fd: int, writable: bool) -> None:
+        self.path = Path(path)
+        self.fd = fd
+        self.writable = writable
+        st = os.fstat(fd)
+        self.is_block_device = stat.S_ISBLK(st.st_mode)
+        self.size = st.st_size if not self.is_block_device else self._block_device_size()
+        self.dev_ino = (st.st_dev, st.st_ino)
+        self.blksize = st.st_blksize or 4096
+
+    # --- opening ------------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        writable: bool = False,
+        create: bool = False,
+        force_share: bool = False,
+        lock: bool = True,
+    ) -> BlockFile:
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        if create:
+            flags |= os.O_CREAT | os.O_EXCL
+        flags |= getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags, 0o644)
+        except FileNotFoundError as exc:
+            raise VmferryError("no such file", path=str(path), hint="check the path") from exc
+        except IsADirectoryError as exc:
+            raise UsageError("is a directory, not an image", path=str(path)) from exc
+        except PermissionError as exc:
+            mode = "writing" if writable else "reading"
+            raise VmferryError(f"permission denied opening for {mode}", path=str(path)) from exc
+        except OSError as exc:
+            raise VmferryError(f"cannot open: {exc.strerror}", path=str(path)) from exc
+        bf = cls(path, fd, writable)
+        if lock:
+            try:
+                bf._lock(force_share=force_share)
+            except BaseException:
+                os.close(fd)
+                raise
+        return bf
+
+    def _block_device_size(self) -> int:
+        return os.lseek(self.fd, 0, os.SEEK_END)
+
+    # --- locking ------------------------------------------------------------------------------
+
+    def _lock(self, *, force_share: bool) -> None:
+        """Take qemu's lock bytes and fail if another holder conflicts.
+
+        A reader holds "consistent read" and refuses to share "write" (reading an image a VM is
+        writing gives torn data), unless ``force_share`` (qemu-img's -U).  A writer also holds
+        "write" and "resize" and shares neither.  Writing is never forced.
+        """
+        if force_share and not self.writable:
+            return
+        held = {PERM_CONSISTENT_READ}
+        unshared = {PERM_WRITE, PERM_RESIZE}
+        if self.writable:
+            held |= {PERM_WRITE, PERM_RESIZE}
+        try:
+            for perm in held:
+                self._setlk(fcntl.F_RDLCK, _LOCK_PERM_BASE + perm)
+            for perm in unshared:
+                self._setlk(fcntl.F_RDLCK, _LOCK_SHARED_BASE + perm)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise self._locked_error() from exc
+            if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                return  # filesystem without OFD locks: qemu carries on too
+            raise
+        # Someone refusing to share a permission we hold, or holding one we refuse to share.
+        for perm in held:
+            if self._conflicts(_LOCK_SHARED_BASE + perm):
+                raise self._locked_error(perm)
+        for perm in unshared:
+            if self._conflicts(_LOCK_PERM_BASE + perm):
+                raise self._locked_error(perm)
+
+    def _setlk(self, kind: int, byte: int) -> None:
+        fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, _lock_struct(kind, byte))
+
+    def _conflicts(self, byte: int) -> bool:
+        try:
+            out = fcntl.fcntl(self.fd, fcntl.F_OFD_GETLK, _lock_struct(fcntl.F_WRLCK, byte))
+        except OSError:
+            return False
+        return _FLOCK.unpack(out)[0] != fcntl.F_UNLCK
+
+    def _locked_error(self, perm: int | None = None) -> ImageLockedError:
+        what = f' ("{_PERM_NAMES[perm]}" lock)' if perm is not None else ""
+        hint = "shut the VM down first"
+        if not self.writable:
+            hint += ", or pass --force-share (-U) to read it anyway (data may be inconsistent)"
+        return ImageLockedError(
+            f"image is in use by another process, probably a running VM{what}",
+            path=str(self.path),
+            hint=hint,
+        )
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def read_exact(
+        self, offset: int, length: int, what: str, *, limit: int = MAX_METADATA_READ
+    ) -> bytes:
+        """Read ``length`` bytes that must all be inside the file, or fail naming ``what``."""
+        if offset < 0 or length < 0:
+            raise TruncatedImageError(f"{what} has a negative offset or size", path=str(self.path))
+        if length > limit:
+            raise ResourceLimitError(
+                f"{what} claims {length} bytes, more than the {limit}-byte limit",
+                path=str(self.path),
+                offset=offset,
+            )
+        if offset + length > self.size:
+            raise TruncatedImageError(
+                f"{what} ({length} bytes) extends past the end of the file ({self.size} bytes)",
+                path=str(self.path),
+                offset=offset,
+            )
+        data = self._pread(offset, length)
+        if len(data) != length:
+            raise TruncatedImageError(
+                f"{what}: file ended while reading", path=str(self.path), offset=offset
+            )
+        return data
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Read up to ``length`` bytes; past the end of file reads as zeros (sparse tails)."""
+        data = self._pread(offset, length)
+        if len(data) < length:
+            data += bytes(length - len(data))
+        return data
+
+    def _pread(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) == length or not data:
+            return data
+        parts = [data]
+        got = len(data)
+        while got < length:
+            more = os.pread(self.fd, length - got, offset + got)
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    def data_runs(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+        """Yield (offset, length, is_data) over [offset, offset+length) using SEEK_DATA/HOLE."""
+        end = min(offset + length, self.size)
+        pos = offset
+        while pos < end:
+            try:
+                data_start = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole remains
+                    yield pos, end - pos, False
+                    return
+                if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                    yield pos, end - pos, True
+                    return
+                raise
+            if data_start > pos:
+                hole_end = min(data_start, end)
+                yield pos, hole_end - pos, False
+                pos = hole_end
+                continue
+            data_end = min(os.lseek(self.fd, pos, os.SEEK_HOLE), end)
+            yield pos, data_end - pos, True
+            pos = data_end
+
+    @property
+    def allocated_bytes(self) -> int:
+        return os.fstat(self.fd).st_blocks * 512
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write all of ``data``; a short write is retried, never silently accepted."""
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self.fd, view, offset)
+            if written <= 0:
+                raise VmferryError("short write", path=str(self.path), offset=offset)
+            view = view[written:]
+            offset += written
+        if offset > self.size:
+            self.size = offset
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+        self.size = size
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        """Deallocate a range (reads back as zeros).  False when the filesystem cannot."""
+        if length <= 0:
+            return True
+        mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+        return _libc.fallocate(self.fd, mode, offset, length) == 0
+
+    def preallocate(self, offset: int, length: int) -> None:
+        try:
+            os.posix_fallocate(self.fd, offset, length)
+        except OSError as exc:
+            raise VmferryError(f"cannot preallocate: {exc.strerror}", path=str(self.path)) from exc
+        self.size = max(self.size, offset + length)
+
+    def fsync(self) -> None:
+        if self.writable:
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __repr__(self) -> str:
+        return f"BlockFile({str(self.path)!r}, writable={self.writable})"

@@ -1,0 +1,1 @@
+"""Operations built on the disk interface: create, convert, compare, map, measure, check."""

@@ -1,0 +1,66 @@
+"""Outputs appear whole or not at all.
+
+A new image is written under a hidden temporary name in the destination directory and renamed
+over the final name only once it is complete and synced, so a crash, a full disk or Ctrl-C
+leaves either nothing or a finished image, never a half-written one under the user's name.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from types import TracebackType
+
+from vmferry.disk.blockfile import BlockFile
+from vmferry.errors import UsageError
+
+
+class AtomicOutput:
+    def __init__(self, final: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        self.final = Path(os.path.abspath(final))
+        self.overwrite = overwrite
+        self.tmp = self.final.with_name(f".{self.final.name}.vmferry-{secrets.token_hex(4)}")
+        self.file: BlockFile | None = None
+        self.committed = False
+
+    def __enter__(self) -> AtomicOutput:
+        if self.final.exists() and not self.overwrite:
+            raise UsageError(
+                "output already exists",
+                path=str(self.final),
+                hint="remove it or choose another name",
+            )
+        if not self.final.parent.is_dir():
+            raise UsageError("output directory does not exist", path=str(self.final.parent))
+        self.file = BlockFile.open(self.tmp, writable=True, create=True)
+        return self
+
+    def commit(self) -> None:
+        """Sync the finished file, move it into place, and sync the directory entry."""
+        assert self.file is not None
+        if self.file.fd >= 0:
+            self.file.fsync()
+        if self.final.exists() and not self.overwrite:
+            raise UsageError("output appeared while writing", path=str(self.final))
+        os.replace(self.tmp, self.final)
+        dfd = os.open(self.final.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self.committed = True
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.file is not None and self.file.fd >= 0 and exc_type is not None:
+            self.file.close()
+        if not self.committed:
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
