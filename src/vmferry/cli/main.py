@@ -27,6 +27,19 @@ for command in (
     cli.add_command(command)
 
 
+@cli.command()
+@click.argument("workdir", default="./vmferry-demo", type=click.Path(file_okay=False))
+def demo(workdir: str) -> None:
+    """Build a Hyper-V disk with checkpoints, flatten and convert it, verify with qemu-img."""
+    from pathlib import Path
+
+    from vmferry.demo import run_demo
+
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    if not run_demo(Path(workdir), click.echo):
+        raise SystemExit(1)
+
+
 def main() -> None:
     cli(prog_name="vmferry")
 

@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""vmferry convert against qemu-img convert on the same inputs, in one run.
+
+A disk of --size (default 4 GiB) is half filled with random data (alternating 32 MiB runs of
+data and holes) as raw, VHD and VHDX (made by qemu-img); every pair is converted by both tools,
+best of --repeat runs each, and the ratio vmferry/qemu-img printed (< 1.0: vmferry is faster).
+A second table times an empty 100 GiB dynamic disk, where time must follow allocated data.
+
+    python3 bench/convert_bench.py [--size 4G] [--repeat 2] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+QEMU_NAME = {
+    "raw": "raw",
+    "vhd": "vpc",
+    "vhdx": "vhdx",
+    "qcow2": "qcow2",
+    "vmdk": "vmdk",
+    "vdi": "vdi",
+}
+EXT = {
+    "raw": ".raw",
+    "vhd": ".vhd",
+    "vhdx": ".vhdx",
+    "qcow2": ".qcow2",
+    "vmdk": ".vmdk",
+    "vdi": ".vdi",
+}
+RUN = 32 << 20
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    return int(text[:-1]) * units[text[-1].upper()] if text[-1].upper() in units else int(text)
+
+
+def make_raw(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off in range(0, size, 2 * RUN):
+            f.seek(off)
+            remaining = min(RUN, size - off)
+            while remaining:
+                n = min(remaining, 8 << 20)
+                f.write(os.urandom(n))
+                remaining -= n
+
+
+def timed(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr}")
+    return elapsed
+
+
+def best_of(repeat: int, make_cmd, out: Path) -> float:
+    times = []
+    for _ in range(repeat):
+        if out.exists():
+            out.unlink()
+        subprocess.run(["sync"])
+        times.append(timed(make_cmd()))
+    return min(times)
+
+
+def qemu_cmd(src: Path, sfmt: str, dst: Path, dfmt: str) -> list[str]:
+    cmd = ["qemu-img", "convert", "-f", QEMU_NAME[sfmt], "-O", QEMU_NAME[dfmt]]
+    if dfmt == "vhdx":
+        cmd += ["-o", "subformat=dynamic"]
+    if dfmt == "vhd":
+        cmd += ["-o", "subformat=dynamic"]
+    return cmd + [str(src), str(dst)]
+
+
+def vmferry_cmd(src: Path, sfmt: str, dst: Path, dfmt: str) -> list[str]:
+    return ["vmferry", "convert", "--no-progress", "-f", sfmt, "-O", dfmt, str(src), str(dst)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--size", default="4G")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--formats", default="raw,vhd,vhdx")
+    ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
+    args = ap.parse_args()
+    size = parse_size(args.size)
+    formats = args.formats.split(",")
+    for tool in ("qemu-img", "vmferry"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} not found: run scripts/install-deps first")
+    work = Path(args.dir or tempfile.mkdtemp(prefix="vmferry-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(
+        f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, "
+        f"{subprocess.run(['qemu-img', '--version'], capture_output=True, text=True).stdout.splitlines()[0]}"
+    )
+    print(
+        f"input: {size >> 20} MiB virtual, half random data in {RUN >> 20} MiB runs; best of {args.repeat}\n"
+    )
+    sources: dict[str, Path] = {}
+    raw = work / "src.raw"
+    make_raw(raw, size)
+    sources["raw"] = raw
+    for fmt in formats:
+        if fmt != "raw":
+            p = work / f"src{EXT[fmt]}"
+            subprocess.run(qemu_cmd(raw, "raw", p, fmt), check=True)
+            sources[fmt] = p
+    print("| source | target | qemu-img s | vmferry s | ratio |")
+    print("|---|---|---|---|---|")
+    worst = 0.0
+    for sfmt in formats:
+        for dfmt in formats:
+            if sfmt == dfmt and sfmt == "raw":
+                continue
+            out = work / f"out{EXT[dfmt]}"
+            q = best_of(args.repeat, lambda: qemu_cmd(sources[sfmt], sfmt, out, dfmt), out)
+            v = best_of(args.repeat, lambda: vmferry_cmd(sources[sfmt], sfmt, out, dfmt), out)
+            worst = max(worst, v / q)
+            print(f"| {sfmt} | {dfmt} | {q:.2f} | {v:.2f} | {v / q:.2f} |", flush=True)
+            out.unlink()
+    print(f"\nworst ratio: {worst:.2f} (target <= 1.0)\n")
+    print("| empty 100 GiB dynamic | target | qemu-img s | vmferry s | ratio |")
+    print("|---|---|---|---|---|")
+    for fmt in [f for f in formats if f != "raw"]:
+        empty = work / f"empty{EXT[fmt]}"
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", QEMU_NAME[fmt], str(empty), "100G"], check=True
+        )
+        for dfmt in formats:
+            out = work / f"out{EXT[dfmt]}"
+            q = best_of(args.repeat, lambda: qemu_cmd(empty, fmt, out, dfmt), out)
+            v = best_of(args.repeat, lambda: vmferry_cmd(empty, fmt, out, dfmt), out)
+            print(f"| {fmt} | {dfmt} | {q:.2f} | {v:.2f} | {v / q:.2f} |", flush=True)
+            out.unlink()
+        empty.unlink()
+    if not args.dir:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
