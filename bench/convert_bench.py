@@ -66,13 +66,13 @@ def timed(cmd: list[str]) -> float:
     return elapsed
 
 
-def best_of(repeat: int, make_cmd, out: Path) -> float:
+def best_of(repeat: int, cmd: list[str], out: Path) -> float:
     times = []
     for _ in range(repeat):
         if out.exists():
             out.unlink()
         subprocess.run(["sync"])
-        times.append(timed(make_cmd()))
+        times.append(timed(cmd))
     return min(times)
 
 
@@ -82,7 +82,7 @@ def qemu_cmd(src: Path, sfmt: str, dst: Path, dfmt: str) -> list[str]:
         cmd += ["-o", "subformat=dynamic"]
     if dfmt == "vhd":
         cmd += ["-o", "subformat=dynamic"]
-    return cmd + [str(src), str(dst)]
+    return [*cmd, str(src), str(dst)]
 
 
 def vmferry_cmd(src: Path, sfmt: str, dst: Path, dfmt: str) -> list[str]:
@@ -105,13 +105,14 @@ def main() -> None:
             sys.exit(f"{tool} not found: run scripts/install-deps first")
     work = Path(args.dir or tempfile.mkdtemp(prefix="vmferry-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    qemu_version = subprocess.run(["qemu-img", "--version"], capture_output=True, text=True)
     print(
-        f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}, "
-        f"{subprocess.run(['qemu-img', '--version'], capture_output=True, text=True).stdout.splitlines()[0]}"
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}, {qemu_version.stdout.splitlines()[0]}"
     )
     print(
-        f"input: {size >> 20} MiB virtual, half random data in {RUN >> 20} MiB runs; best of {args.repeat}\n"
+        f"input: {size >> 20} MiB virtual, half random data in {RUN >> 20} MiB runs; "
+        f"best of {args.repeat}\n"
     )
     sources: dict[str, Path] = {}
     raw = work / "src.raw"
@@ -130,8 +131,8 @@ def main() -> None:
             if sfmt == dfmt and sfmt == "raw":
                 continue
             out = work / f"out{EXT[dfmt]}"
-            q = best_of(args.repeat, lambda: qemu_cmd(sources[sfmt], sfmt, out, dfmt), out)
-            v = best_of(args.repeat, lambda: vmferry_cmd(sources[sfmt], sfmt, out, dfmt), out)
+            q = best_of(args.repeat, qemu_cmd(sources[sfmt], sfmt, out, dfmt), out)
+            v = best_of(args.repeat, vmferry_cmd(sources[sfmt], sfmt, out, dfmt), out)
             worst = max(worst, v / q)
             print(f"| {sfmt} | {dfmt} | {q:.2f} | {v:.2f} | {v / q:.2f} |", flush=True)
             out.unlink()
@@ -145,8 +146,8 @@ def main() -> None:
         )
         for dfmt in formats:
             out = work / f"out{EXT[dfmt]}"
-            q = best_of(args.repeat, lambda: qemu_cmd(empty, fmt, out, dfmt), out)
-            v = best_of(args.repeat, lambda: vmferry_cmd(empty, fmt, out, dfmt), out)
+            q = best_of(args.repeat, qemu_cmd(empty, fmt, out, dfmt), out)
+            v = best_of(args.repeat, vmferry_cmd(empty, fmt, out, dfmt), out)
             print(f"| {fmt} | {dfmt} | {q:.2f} | {v:.2f} | {v / q:.2f} |", flush=True)
             out.unlink()
         empty.unlink()

@@ -100,9 +100,8 @@ def run_demo(workdir: Path, say: Callable[[str], None] = print) -> bool:
         )
         same = cmp.returncode == 0
         ok = ok and same
-        say(
-            f"   qemu-img compare {dst.name} web01.raw: {'identical' if same else cmp.stdout.strip()}"
-        )
+        verdict = "identical" if same else cmp.stdout.strip()
+        say(f"   qemu-img compare {dst.name} web01.raw: {verdict}")
     chk = subprocess.run(
         [qemu, "check", "-f", "vhdx", str(out / "web01.vhdx")], capture_output=True, text=True
     )

@@ -19,7 +19,7 @@ def test_read_exact_refuses_past_end_and_absurd_sizes(tmp_path: Path) -> None:
     f = BlockFile.open(p)
     try:
         assert f.read_exact(990, 10, "tail") == b"x" * 10
-        with pytest.raises(TruncatedImageError, match="BAT .* extends past the end"):
+        with pytest.raises(TruncatedImageError, match=r"BAT .* extends past the end"):
             f.read_exact(990, 11, "BAT")
         with pytest.raises(TruncatedImageError):
             f.read_exact(-1, 4, "header")
