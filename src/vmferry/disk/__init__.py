@@ -15,18 +15,34 @@ from vmferry.errors import UnknownFormatError, UsageError
 
 FORMATS: tuple[type[DiskFormat], ...] = (Raw,)
 
-try:  # drivers land one by one; the registry lists those present
-    from vmferry.disk.vhd import Vhd
 
-    FORMATS += (Vhd,)
-except ImportError:  # pragma: no cover - only while a driver is being written
-    pass
-try:
-    from vmferry.disk.vhdx import Vhdx
 
-    FORMATS += (Vhdx,)
-except ImportError:  # pragma: no cover
-    pass
+def _optional_drivers() -> tuple[type[DiskFormat], ...]:
+    """Drivers still being written are registered once their module exists."""
+    import importlib
+
+    found: list[type[DiskFormat]] = []
+    for module, cls in (
+        ("vhd", "Vhd"),
+        ("vhdx", "Vhdx"),
+        ("vmdk", "Vmdk"),
+        ("qcow2", "Qcow2"),
+        ("vdi", "Vdi"),
+        ("ova", "Ova"),
+    ):
+        try:
+            mod = importlib.import_module(f"vmferry.disk.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"vmferry.disk.{module}":
+                raise
+            continue
+        driver = getattr(mod, cls, None)
+        if driver is not None:
+            found.append(driver)
+    return tuple(found)
+
+
+FORMATS += _optional_drivers()
 
 __all__ = [
     "FORMATS",
