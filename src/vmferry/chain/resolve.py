@@ -142,6 +142,15 @@ def _check_identity(
             )
     if not diffs:
         return
+    from vmferry.chain.journal import tolerated_mismatch
+
+    record = tolerated_mismatch(parent_path, dict(ref.identity))
+    if record is not None:
+        opts.warnings.append(
+            f"{child_path}: a merge into {parent_path} was interrupted; the chain still reads "
+            f"correctly. Finish it with: vmferry merge {record.get('child', child_path)}"
+        )
+        return
     message = f"{parent_path} is not the parent this child was created from: " + "; ".join(diffs)
     if opts.ignore_identity:
         opts.warnings.append(f"{child_path}: {message} (ignored on request)")

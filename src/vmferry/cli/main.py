@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from vmferry import __version__
-from vmferry.cli import disk
+from vmferry.cli import chains, disk
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,6 +23,11 @@ for command in (
     disk.compare_cmd,
     disk.map_cmd,
     disk.measure_cmd,
+    chains.chain_cmd,
+    chains.du_cmd,
+    chains.merge_cmd,
+    chains.rebase_cmd,
+    chains.resize_cmd,
 ):
     cli.add_command(command)
 

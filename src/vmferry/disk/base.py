@@ -145,6 +145,10 @@ class DiskFormat(ABC):
     def parent_ref(self) -> ParentRef | None:
         return None
 
+    def files(self) -> list[str]:
+        """Every file this layer consists of (a VMDK descriptor has extent files too)."""
+        return [str(self.file.path)]
+
     def info(self) -> dict[str, Any]:
         """Format-specific facts for ``vmferry info`` (subformat, block size, ids...)."""
         return {}
