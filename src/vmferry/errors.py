@@ -89,6 +89,10 @@ class ResourceLimitError(FormatError):
     """A header asks for more memory or depth than any sane image needs."""
 
 
+class MissingExtentError(FormatError):
+    """A multi-file image (VMDK descriptor) names a data file that is not there."""
+
+
 # --- chains -----------------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ import click
 
 from vmferry import __version__
 from vmferry.cli import chains, disk
+from vmferry.cli.common import handle_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,6 +35,7 @@ for command in (
 
 @cli.command()
 @click.argument("workdir", default="./vmferry-demo", type=click.Path(file_okay=False))
+@handle_errors
 def demo(workdir: str) -> None:
     """Build a Hyper-V disk with checkpoints, flatten and convert it, verify with qemu-img."""
     from pathlib import Path
