@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from vmferry import __version__
-from vmferry.cli import chains, disk
+from vmferry.cli import chains, disk, vm
 from vmferry.cli.common import handle_errors
 
 
@@ -29,6 +29,7 @@ for command in (
     chains.merge_cmd,
     chains.rebase_cmd,
     chains.resize_cmd,
+    vm.vm_group,
 ):
     cli.add_command(command)
 

@@ -1,0 +1,75 @@
+"""``convert_config``: fit a model to a target and write the target's config files."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from vmferry.vm.model import VmModel
+from vmferry.vm.translate import translate
+from vmferry.vm.writers.hyperv import write_hyperv
+from vmferry.vm.writers.libvirt import DEFAULT_DISK_DIR, write_libvirt
+from vmferry.vm.writers.ovf import write_ovf
+from vmferry.vm.writers.proxmox import proxmox_bridge, write_proxmox
+from vmferry.vm.writers.vbox import write_vbox
+from vmferry.vm.writers.vmx import write_vmx
+
+
+class Conversion(NamedTuple):
+    """What ``convert_config`` returns; unpacks as ``files, choices, not_carried``."""
+
+    files: dict[str, str]  # file name → text
+    choices: list[str]  # every decision made on the way, one sentence each
+    not_carried: list[str]  # every setting the target config does not carry
+    model: VmModel | None = None  # the model as fitted to the target
+
+    def __iter__(self):  # type: ignore[override]
+        return iter((self.files, self.choices, self.not_carried))
+
+
+def convert_config(
+    model: VmModel,
+    target: str,
+    *,
+    keep_macs: bool = True,
+    boot_controller: str | None = None,
+    disk_dir: str = DEFAULT_DISK_DIR,
+    storage: str = "local",
+) -> Conversion:
+    tr = translate(model, target, keep_macs=keep_macs, boot_controller=boot_controller)
+    vm, writer = tr.model, tr.target.writer
+    not_carried = list(tr.not_carried)
+    if writer == "libvirt":
+        files = write_libvirt(vm, disk_dir)
+    elif writer == "proxmox":
+        files = write_proxmox(vm, storage)
+        for i, nic in enumerate(vm.nics):
+            if nic.network and proxmox_bridge(nic.network) != nic.network:
+                tr.choices.append(f"NIC {i}: network {nic.network!r} is no bridge name → vmbr0")
+        not_carried.append(
+            f"disk volumes are written as '{storage}:<file>': import the disks there"
+        )
+    elif writer == "vmx":
+        files = write_vmx(vm)
+    elif writer == "hyperv":
+        files = write_hyperv(vm)
+        if tr.target.name == "azure":
+            not_carried.append(
+                "Azure: upload the fixed VHDs and create the VM from them (no script)"
+            )
+    elif writer == "vbox":
+        files = write_vbox(vm)
+    else:
+        files = write_ovf(vm, "xen-3.0-unknown" if tr.target.name == "xen" else "vmx-14")
+        if any(d.size_bytes is None for d in vm.disks):
+            tr.choices.append(
+                "disk capacity unknown: written as 0; set it from the converted disks"
+            )
+        if vm.cdroms and any(c.path for c in vm.cdroms):
+            not_carried.append("CD-ROM images: OVF drives are written empty")
+    if (
+        vm.guest_os
+        and model.source_format not in ("vmx", "ovf", "ova")
+        and writer in ("vmx", "ovf")
+    ):
+        tr.choices.append(f"guest OS hint {vm.guest_os!r} mapped to a generic VMware guest id")
+    return Conversion(files, tr.choices, not_carried, vm)

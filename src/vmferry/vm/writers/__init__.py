@@ -1,0 +1,1 @@
+"""Config writers, one module per target format; each takes a model already fitted by translate."""
