@@ -317,3 +317,33 @@ def measure_cmd(
     else:
         click.echo(f"required size: {result['required']}")
         click.echo(f"fully allocated size: {result['fully-allocated']}")
+
+
+@click.command(name="formats")
+@json_option
+@handle_errors
+def formats_cmd(as_json: bool) -> None:
+    """List the disk formats vmferry reads and writes, with their -o options."""
+    from vmferry.disk import FORMATS
+
+    rows = [
+        {
+            "name": d.name,
+            "aliases": list(d.aliases),
+            "extensions": list(d.extensions),
+            "writable": d.writable_format,
+            "parents": d.supports_parent,
+            "options": dict(d.create_options),
+        }
+        for d in FORMATS
+    ]
+    if as_json:
+        emit_json(rows)
+        return
+    for r in rows:
+        names = ", ".join([r["name"], *r["aliases"]])
+        mode = "read/write" if r["writable"] else "read only"
+        chain = ", differencing" if r["parents"] else ""
+        click.echo(f"{names}  ({' '.join(r['extensions'])}; {mode}{chain})")
+        for key, text in r["options"].items():
+            click.echo(f"    -o {key}=  {text}")

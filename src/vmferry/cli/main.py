@@ -24,6 +24,7 @@ for command in (
     disk.compare_cmd,
     disk.map_cmd,
     disk.measure_cmd,
+    disk.formats_cmd,
     chains.chain_cmd,
     chains.du_cmd,
     chains.merge_cmd,
