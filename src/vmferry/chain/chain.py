@@ -95,7 +95,20 @@ class Chain:
         self.top.write(start, buf)
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        self.top.write_zeroes(offset, length)
+        """Zero a range; partial sectors at either end go through ``write`` (see above)."""
+        align = self.top.write_alignment
+        end = offset + length
+        if align <= 1:
+            self.top.write_zeroes(offset, length)
+            return
+        head_end = min(-(-offset // align) * align, end)
+        tail_start = max(end - end % align, head_end)
+        if head_end > offset:
+            self.write(offset, bytes(head_end - offset))
+        if tail_start > head_end:
+            self.top.write_zeroes(head_end, tail_start - head_end)
+        if end > tail_start:
+            self.write(tail_start, bytes(end - tail_start))
 
     def flush(self) -> None:
         self.top.flush()
