@@ -66,6 +66,9 @@ class BlockFile:
         self.size = st.st_size if not self.is_block_device else self._block_device_size()
         self.dev_ino = (st.st_dev, st.st_ino)
         self.blksize = st.st_blksize or 4096
+        #: qemu's cache=unsafe: drivers' ordering fsyncs are skipped.  Only for a new output
+        #: under a temporary name, which is synced once, whole, before it is renamed into place.
+        self.cache_unsafe = False
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -211,7 +214,9 @@ class BlockFile:
 
     def data_runs(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
         """Yield (offset, length, is_data) over [offset, offset+length) using SEEK_DATA/HOLE."""
-        end = min(offset + length, self.size)
+        return self._data_runs(offset, min(offset + length, self.size))
+
+    def _data_runs(self, offset: int, end: int) -> Iterator[tuple[int, int, bool]]:
         pos = offset
         while pos < end:
             try:
@@ -270,6 +275,12 @@ class BlockFile:
         self.size = max(self.size, offset + length)
 
     def fsync(self) -> None:
+        """The ordering barrier drivers rely on (data before the pointer that publishes it)."""
+        if self.writable and not self.cache_unsafe:
+            os.fsync(self.fd)
+
+    def sync_now(self) -> None:
+        """Make everything durable, whatever the cache mode (the last step of an output)."""
         if self.writable:
             os.fsync(self.fd)
 
@@ -278,5 +289,65 @@ class BlockFile:
             os.close(self.fd)
             self.fd = -1
 
+    def slice(self, offset: int, length: int, name: str | None = None) -> SliceFile:
+        """A read-only view of ``length`` bytes at ``offset`` (a member inside an archive).
+
+        The view has its own descriptor (a ``dup``: closing it leaves this file open and the
+        locks held) and is a ``BlockFile`` to whoever reads it, so a driver can open a disk
+        stored inside a tar without a copy.  ``name`` only labels errors: ``path/name``.
+        """
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise TruncatedImageError(
+                f"{name or 'slice'} ({length} bytes at {offset}) extends past the end of the file "
+                f"({self.size} bytes)",
+                path=str(self.path),
+            )
+        return SliceFile(self, offset, length, name)
+
     def __repr__(self) -> str:
         return f"BlockFile({str(self.path)!r}, writable={self.writable})"
+
+
+class SliceFile(BlockFile):
+    """Read-only window on part of another file; offsets are relative to the window."""
+
+    def __init__(self, parent: BlockFile, offset: int, length: int, name: str | None) -> None:
+        fd = os.dup(parent.fd)
+        super().__init__(parent.path / name if name else parent.path, fd, False)
+        self.base = offset
+        self.size = length
+        self.parent_path = parent.path
+
+    def _pread(self, offset: int, length: int) -> bytes:
+        if offset >= self.size or length <= 0:
+            return b""
+        return super()._pread(self.base + offset, min(length, self.size - offset))
+
+    def data_runs(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return
+        for run_off, run_len, is_data in self._data_runs(self.base + offset, self.base + end):
+            yield run_off - self.base, run_len, is_data
+
+    def _read_only(self) -> UsageError:
+        return UsageError("a slice of an archive is read-only", path=str(self.path))
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        raise self._read_only()
+
+    def truncate(self, size: int) -> None:
+        raise self._read_only()
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        raise self._read_only()
+
+    def preallocate(self, offset: int, length: int) -> None:
+        raise self._read_only()
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.size
+
+    def __repr__(self) -> str:
+        return f"SliceFile({str(self.path)!r}, base={self.base}, size={self.size})"

@@ -40,7 +40,7 @@ class AtomicOutput:
         """Sync the finished file, move it into place, and sync the directory entry."""
         assert self.file is not None
         if self.file.fd >= 0:
-            self.file.fsync()
+            self.file.sync_now()
         if self.final.exists() and not self.overwrite:
             raise UsageError("output appeared while writing", path=str(self.final))
         os.replace(self.tmp, self.final)

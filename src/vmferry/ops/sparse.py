@@ -39,6 +39,9 @@ def nonzero_runs(
     n = len(buf)
     if n == 0 or is_zero(buf):
         return
+    if granularity == SPARSE_GRANULARITY and buf.find(_ZERO_PIECE) < 0:
+        yield base, n  # not even an unaligned 4 KiB run of zeros: all of it is data
+        return
     mv = memoryview(buf)
     zero = _ZERO_PIECE if granularity == SPARSE_GRANULARITY else bytes(granularity)
     run_start = -1
