@@ -25,7 +25,9 @@ from tests.conftest import qemu_img
 from tests.formats import EXTENSION, QEMU, WITH_PARENT
 from vmferry.chain.discover import discover
 from vmferry.chain.du import usage
+from vmferry.chain.journal import read_journal
 from vmferry.chain.merge import commit, commit_all
+from vmferry.chain.open import open_layer
 from vmferry.chain.surgery import rebase, resize
 from vmferry.errors import (
     ParentMismatchError,
@@ -94,9 +96,14 @@ def test_discover_tree_orphan_broken(tmp_path: Path, fmt: str) -> None:
     forest = discover([tmp_path])
     orphan = {n.path.name: n for n in forest.nodes}[child.name]
     assert orphan.problem == "orphan"
-    assert orphan.repair == f"vmferry rebase {child} -b {moved / base.name}"
-    # a different disk under the parent's name: a broken link, not a silent mis-stack
-    vmferry.create(base, fmt, SIZE).close()
+    assert orphan.parent_ref is not None
+    if orphan.parent_ref.identity:  # the moved parent is recognised by what the child pins
+        assert orphan.repair == f"vmferry rebase {child} -b {moved / base.name}"
+    else:
+        assert orphan.repair and "vmferry rebase" in orphan.repair
+    # a different disk under the parent's name: a broken link, not a silent mis-stack (a
+    # format that pins no identity, like qcow2, can only tell from a resized parent)
+    vmferry.create(base, fmt, SIZE if orphan.parent_ref.identity else 2 * SIZE).close()
     forest = discover([tmp_path])
     broken = {n.path.name: n for n in forest.nodes}[child.name]
     assert broken.parent is None
@@ -147,8 +154,6 @@ def test_merge_refuses_parent_with_siblings_unless_preserved(tmp_path: Path, fmt
 
 
 def test_rebase_after_move(tmp_path: Path, fmt: str) -> None:
-    if fmt == "vdi":
-        pytest.skip("a VDI names its parent only by UUID (VirtualBox's registry holds the path)")
     base, child = _make_chain(tmp_path, fmt, ["base", "child"])
     before = _digest(child)
     elsewhere = tmp_path / "store"
@@ -158,14 +163,22 @@ def test_rebase_after_move(tmp_path: Path, fmt: str) -> None:
         vmferry.open(child)
     other = tmp_path / f"other{EXTENSION[fmt]}"
     vmferry.create(other, fmt, SIZE).close()
-    with pytest.raises(ParentMismatchError):
-        rebase(child, other)
+    probe = open_layer(child)
+    ref = probe.parent_ref()
+    probe.close()
+    pins = bool(ref and ref.identity)
+    if pins:
+        with pytest.raises(ParentMismatchError):
+            rebase(child, other)
+    else:  # nothing to check (qcow2): the rebase goes through, with a warning that says so
+        assert "cannot verify" in rebase(child, other)["warnings"][0]
     rebase(child, elsewhere / base.name)
     with vmferry.open(child, allowed_dirs=[elsewhere]) as d:
         assert len(d.layers) == 2
     assert _digest_allowed(child, elsewhere) == before
     result = rebase(child, other, unsafe=True)
-    assert result["warnings"] and "ignored on request" in result["warnings"][0]
+    if pins:
+        assert result["warnings"] and "ignored on request" in result["warnings"][0]
 
 
 def _digest_allowed(path: Path, extra: Path) -> str:
@@ -221,4 +234,7 @@ def test_merge_survives_kill_at_any_instant(tmp_path: Path, fmt: str, seed: int)
             assert hashlib.sha256(d.read(0, d.virtual_size)).hexdigest() == before
         commit(child)  # and running the merge again completes it
     assert _raw_digest(base, fmt) == before
-    assert not any(p.name.endswith("vmferry-merge") for p in tmp_path.iterdir())
+    # killed between deleting the child and its journal: the note left names a child that is
+    # gone, so nothing trusts it, and the next merge into this parent removes it
+    journal = read_journal(base)
+    assert journal is None or not Path(journal["child"]).exists()

@@ -191,7 +191,7 @@ def _link(nodes: list[Node]) -> None:
             located = by_real.get(os.path.realpath(cand))
             if located is not None:
                 break
-        if located is not None and _identity_matches(ref, located):
+        if located is not None and _identity_matches(ref, located, child):
             child.parent = located
             located.children.append(child)
             continue
@@ -200,11 +200,18 @@ def _link(nodes: list[Node]) -> None:
         if located is not None:
             child.problem = "broken"
             child.claimed_parent = located
-            want = ", ".join(f"{k}={v}" for k, v in ref.identity.items())
-            have = ", ".join(f"{k}={located.identity.get(k)}" for k in ref.identity)
+            if ref.identity:
+                want = ", ".join(f"{k}={v}" for k, v in ref.identity.items())
+                have = ", ".join(f"{k}={located.identity.get(k)}" for k in ref.identity)
+                evidence = f"child pins {want}; the file has {have}"
+            else:
+                evidence = (
+                    f"the parent is {located.virtual_size} bytes, larger than the "
+                    f"child's {child.virtual_size}: it was resized"
+                )
             child.reason = (
                 f"parent {located.path} is not the disk this child was created from "
-                f"(child pins {want}; the file has {have}): it was modified or replaced"
+                f"({evidence}): it was modified or replaced"
             )
             child.repair = (
                 f"vmferry rebase {child.path} -b {matches[0].path}"
@@ -222,9 +229,18 @@ def _link(nodes: list[Node]) -> None:
             )
 
 
-def _identity_matches(ref: ParentRef, parent: Node) -> bool:
+def _identity_matches(ref: ParentRef, parent: Node, child: Node | None = None) -> bool:
+    """Pinned values equal; for formats that pin nothing (qcow2), at least the size fits.
+
+    A parent larger than its child was resized after the child was made: the child's
+    ranges no longer line up with it (the seed's "never resize a VHD with snapshots").
+    """
+    if not ref.identity:
+        return child is None or parent.virtual_size <= child.virtual_size
     return all(
-        str(parent.identity.get(k, "")).lower() == str(v).lower() for k, v in ref.identity.items()
+        str(parent.identity.get(k, "")).lower()
+        in {str(x).lower() for x in (v, *ref.alternatives.get(k, ()))}
+        for k, v in ref.identity.items()
     )
 
 
@@ -271,8 +287,11 @@ def _mark_in_use(nodes: list[Node], configs: dict[str, list[str]]) -> None:
         for disk in disks:
             node = by_real.get(os.path.realpath(disk))
             if node is None:  # a Windows path in a Hyper-V config: match by name in the scan
-                same = [n for n in by_name.get(Path(disk).name.lower(), [])
-                        if Path(config).parent in n.path.parents]
+                same = [
+                    n
+                    for n in by_name.get(Path(disk).name.lower(), [])
+                    if Path(config).parent in n.path.parents
+                ]
                 node = same[0] if len(same) == 1 else None
             if node is not None and config not in node.used_by:
                 node.used_by.append(config)

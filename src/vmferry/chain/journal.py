@@ -63,6 +63,8 @@ def tolerated_mismatch(
     record = read_journal(parent)
     if not record or os.path.realpath(parent) != record.get("parent"):
         return None
+    if not os.path.exists(str(record.get("child", ""))):
+        return None  # the merge finished but was killed before removing this note
     before = {k: str(v).lower() for k, v in (record.get("pinned") or {}).items()}
     if before and before == {k: str(v).lower() for k, v in pinned.items()}:
         return record

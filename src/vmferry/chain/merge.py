@@ -134,6 +134,9 @@ def commit(
     grandchildren = [n.path for n in (child_node.children if child_node else [])]
     result = MergeResult(into=str(parent_p), warnings=warnings)
     old = read_journal(parent_p)
+    if old is not None and not os.path.exists(str(old.get("child", ""))):
+        remove_journal(parent_p)  # left by a merge killed after it had finished
+        old = None
     if old is None or old.get("child") != str(child_p):
         write_journal(parent_p, {"parent": os.path.realpath(parent_p), "child": str(child_p),
                                  "pinned": pinned})

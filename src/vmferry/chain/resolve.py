@@ -131,7 +131,8 @@ def _check_identity(
     diffs = [
         f"{key}: child expects {want}, parent has {actual.get(key, '(none)')}"
         for key, want in ref.identity.items()
-        if str(actual.get(key, "")).lower() != str(want).lower()
+        if str(actual.get(key, "")).lower()
+        not in {str(v).lower() for v in (want, *ref.alternatives.get(key, ()))}
     ]
     for key, want in ref.advisory.items():
         have = actual.get(key)
@@ -151,7 +152,8 @@ def _check_identity(
             f"correctly. Finish it with: vmferry merge {record.get('child', child_path)}"
         )
         return
-    message = f"{parent_path} is not the parent this child was created from: " + "; ".join(diffs)
+    what = ref.mismatch_message or "it is not the parent this child was created from"
+    message = f"{parent_path}: {what}: " + "; ".join(diffs)
     if opts.ignore_identity:
         opts.warnings.append(f"{child_path}: {message} (ignored on request)")
         return

@@ -43,8 +43,15 @@ def rebase(
                 for k, v in ref.identity.items()
                 if str(have.get(k, "")).lower() != str(v).lower()
             ]
-            if parent.virtual_size != child.virtual_size and child.name in ("vhd", "vhdx"):
+            if parent.virtual_size > child.virtual_size or (
+                parent.virtual_size != child.virtual_size and child.name in ("vhd", "vhdx")
+            ):
                 diffs.append(f"size: child {child.virtual_size}, parent {parent.virtual_size}")
+            if not ref.identity:
+                warnings.append(
+                    f"{child.name} records nothing that identifies its parent: vmferry cannot "
+                    f"verify that {parent_p.name} is the disk this child was created on"
+                )
             if diffs and not unsafe:
                 raise ParentMismatchError(
                     f"{parent_p} is not the parent this child was created from: "

@@ -57,6 +57,11 @@ class ParentRef:
     identity: Mapping[str, str] = field(default_factory=dict)
     advisory: Mapping[str, str] = field(default_factory=dict)
     raw: Mapping[str, Any] = field(default_factory=dict)  # locators as stored, for `info`
+    #: other values a pinned key may also take (VHDX parent_linkage2: the parent's
+    #: DataWriteGuid before a change the child was told about)
+    alternatives: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: how the format's own tools word an identity mismatch (VMware's message users search for)
+    mismatch_message: str | None = None
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,8 @@ class BlockFile:
         #: qemu's cache=unsafe: drivers' ordering fsyncs are skipped.  Only for a new output
         #: under a temporary name, which is synced once, whole, before it is renamed into place.
         self.cache_unsafe = False
+        #: the name an output will have once complete (it is written under a temporary one)
+        self.final_path: Path | None = None
 
     # --- opening ------------------------------------------------------------------------------
 

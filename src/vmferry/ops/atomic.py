@@ -34,7 +34,13 @@ class AtomicOutput:
         if not self.final.parent.is_dir():
             raise UsageError("output directory does not exist", path=str(self.final.parent))
         self.file = BlockFile.open(self.tmp, writable=True, create=True)
+        self.file.final_path = self.final
+        self.companions: list[str] = []
         return self
+
+    def discard_with(self, files: list[str]) -> None:
+        """Files the format wrote beside the output (VMDK extents): removed if it fails."""
+        self.companions = [f for f in files if os.path.abspath(f) != str(self.tmp)]
 
     def commit(self) -> None:
         """Sync the finished file, move it into place, and sync the directory entry."""
@@ -60,7 +66,8 @@ class AtomicOutput:
         if self.file is not None and self.file.fd >= 0 and exc_type is not None:
             self.file.close()
         if not self.committed:
-            try:
-                os.unlink(self.tmp)
-            except FileNotFoundError:
-                pass
+            for path in [str(self.tmp), *getattr(self, "companions", [])]:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass

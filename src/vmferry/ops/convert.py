@@ -132,6 +132,7 @@ def convert(
             assert out.file is not None
             out.file.cache_unsafe = True  # synced once, whole, before the rename
             layer = driver.create(out.file, chain.virtual_size, opts, None)
+            out.discard_with(layer.files())
             try:
                 read_bytes, written = copy_chain(chain, layer, progress or NoProgress())
                 layer.flush()

@@ -59,6 +59,7 @@ def create(
         with AtomicOutput(final, overwrite=overwrite) as out:
             assert out.file is not None
             layer = driver.create(out.file, size, opts, info)
+            out.discard_with(layer.files())
             layer.flush()
             out.commit()
             layer.close()
