@@ -98,13 +98,16 @@ class Forest:
         return out
 
 
-def _walk(paths: Sequence[Path]) -> Iterable[Path]:
+def _walk(paths: Sequence[Path], max_depth: int | None) -> Iterable[Path]:
     count = 0
     for top in paths:
         if top.is_file():
             yield top
             continue
+        base_depth = len(top.parts)
         for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+            if max_depth is not None and len(Path(dirpath).parts) - base_depth >= max_depth:
+                dirnames.clear()
             dirnames.sort()
             for name in sorted(filenames):
                 count += 1
@@ -120,6 +123,8 @@ def _node(path: Path) -> Node | Unreadable | None:
         return Unreadable(path, str(exc))
     try:
         return _describe(path, layer)
+    except VmferryError as exc:  # e.g. a qcow2 whose backing format was never recorded
+        return Unreadable(path, str(exc))
     finally:
         layer.close()
 
@@ -150,14 +155,17 @@ def _is_extent_of_descriptor(path: Path) -> bool:
     )
 
 
-def discover(paths: Sequence[str | os.PathLike[str]]) -> Forest:
-    """Scan files and folders for images and link them into chains."""
+def discover(paths: Sequence[str | os.PathLike[str]], *, max_depth: int | None = None) -> Forest:
+    """Scan files and folders for images and link them into chains.
+
+    ``max_depth`` limits how many folder levels below each path are searched (None: all).
+    """
     roots = [Path(os.path.abspath(p)) for p in paths]
     nodes: list[Node] = []
     unreadable: list[Unreadable] = []
     configs: dict[str, list[str]] = {}
     memory: list[Path] = []
-    for path in _walk(roots):
+    for path in _walk(roots, max_depth):
         suffix = path.suffix.lower()
         if suffix in MEMORY_EXTENSIONS:
             memory.append(path)

@@ -20,6 +20,7 @@ from typing import Any
 from vmferry.chain.discover import Node, discover
 from vmferry.chain.journal import read_journal, remove_journal, write_journal
 from vmferry.chain.open import open_chain, open_layer
+from vmferry.chain.surgery import CHILD_SEARCH_DEPTH
 from vmferry.disk import Alloc, DiskFormat, ParentInfo
 from vmferry.errors import UnsafeOperationError, UsageError
 from vmferry.ops.progress import NoProgress, Progress
@@ -118,7 +119,9 @@ def commit(
         parent_format = chain.layers[1].name
         warnings = list(chain.warnings)
         pinned = dict(chain.top.parent_ref().identity)  # type: ignore[union-attr]
-    forest = discover(_scan_dirs(child_p, parent_p, extra=allowed_dirs))
+    forest = discover(
+        _scan_dirs(child_p, parent_p, extra=allowed_dirs), max_depth=CHILD_SEARCH_DEPTH
+    )
     parent_node = _node_for(forest.nodes, parent_p)
     child_node = _node_for(forest.nodes, child_p)
     siblings = [
@@ -138,8 +141,10 @@ def commit(
         remove_journal(parent_p)  # left by a merge killed after it had finished
         old = None
     if old is None or old.get("child") != str(child_p):
-        write_journal(parent_p, {"parent": os.path.realpath(parent_p), "child": str(child_p),
-                                 "pinned": pinned})
+        write_journal(
+            parent_p,
+            {"parent": os.path.realpath(parent_p), "child": str(child_p), "pinned": pinned},
+        )
     child = open_layer(child_p)
     try:
         if siblings:
@@ -193,8 +198,12 @@ def commit_all(
         raise UsageError("not a differencing image: nothing to merge", path=str(top_path))
     total = MergeResult(into=str(paths[-1]))
     for layer_path in reversed(paths[:-1]):  # the layer just above the base first
-        step = commit(layer_path, preserve_siblings=preserve_siblings,
-                      allowed_dirs=allowed_dirs, progress=progress)
+        step = commit(
+            layer_path,
+            preserve_siblings=preserve_siblings,
+            allowed_dirs=allowed_dirs,
+            progress=progress,
+        )
         total.merged += step.merged
         total.preserved_siblings += step.preserved_siblings
         total.bytes_copied += step.bytes_copied

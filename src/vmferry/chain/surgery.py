@@ -12,6 +12,9 @@ from vmferry.chain.open import open_chain, open_layer
 from vmferry.disk import Alloc, ParentInfo
 from vmferry.errors import ParentMismatchError, UnsafeOperationError, UsageError
 
+#: folder levels below an image searched for its children (Hyper-V 2008: Snapshots/<guid>/)
+CHILD_SEARCH_DEPTH = 2
+
 
 def rebase(
     child_path: str | os.PathLike[str],
@@ -85,14 +88,14 @@ def find_children(
 ) -> list[str]:
     """Images in the image's folder tree (and ``scan``) that are stacked directly on it."""
     path = Path(os.path.abspath(image))
-    forest = discover([path.parent, *scan])
+    # children live beside their parent (or in a Snapshots/<id>/ folder below it)
+    forest = discover([path.parent, *scan], max_depth=CHILD_SEARCH_DEPTH)
     real = os.path.realpath(path)
     return [
         str(n.path)
         for n in forest.nodes
         if any(
-            p is not None and os.path.realpath(p.path) == real
-            for p in (n.parent, n.claimed_parent)
+            p is not None and os.path.realpath(p.path) == real for p in (n.parent, n.claimed_parent)
         )
     ]
 

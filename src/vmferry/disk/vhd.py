@@ -1012,18 +1012,40 @@ class Vhd(DiskFormat):
             self.footer, self.footer_at, self.tail_footer_at = footer, new_size, new_size
         else:
             if new_size > len(self.bat) * self.block_size:
-                raise UnsupportedFeatureError(
-                    f"growing to {new_size} bytes needs more BAT entries than the "
-                    f"{len(self.bat)} this image has room for",
-                    path=path,
-                    hint="convert to a new VHD of the larger size instead",
-                )
+                self._relocate_bat(-(-new_size // self.block_size))
             self.file.write(self._append_at, pack_footer(footer))
             self.file.fsync()
             self.file.write(0, pack_footer(footer))
             self.file.fsync()
             self.footer, self.tail_footer_at = footer, self._append_at
         self.virtual_size = new_size
+
+    def _relocate_bat(self, entries: int) -> None:
+        """Give the BAT room for ``entries`` blocks by writing a larger copy at the end.
+
+        Order: the new table and a footer after it, fsync; then the one-sector header is
+        pointed at the new table, fsync.  A crash before the header write leaves the old
+        table in force (and a leak); after it, the new table (still at the old size).
+        """
+        at = self._append_at
+        table_bytes = _round_up(4 * entries, SECTOR)
+        table = array("I", self.bat)
+        table.extend([FREE] * (table_bytes // 4 - len(table)))
+        if struct.pack("=I", 1) != struct.pack(">I", 1):
+            table.byteswap()
+        self.file.write(at, table.tobytes())
+        footer_at = at + table_bytes
+        self.file.write(footer_at, pack_footer(self.footer))
+        self.file.fsync()
+        assert self.header is not None
+        header = self.header.replace(table_offset=at, max_table_entries=entries)
+        self.file.write(self.footer.data_offset, pack_header(header))
+        self.file.fsync()
+        self.header = header
+        self.bat.extend([FREE] * (entries - len(self.bat)))
+        self._metadata = [m for m in self._metadata if m[2] != "BAT"]
+        self._metadata.append((at, at + 4 * entries, "BAT"))
+        self.tail_footer_at = self._append_at = self._used_end = footer_at
 
     # --- checking -----------------------------------------------------------------------------
 
