@@ -191,17 +191,19 @@ def test_resize_grows_fixed_and_dynamic(tmp_path: Path) -> None:
         img = tmp_path / f"r{sub}.vhd"
         with vmferry.create(img, "vhd", 3 * MiB, subformat=sub) as disk:
             disk.write(3 * MiB - 4, b"end!")
-            if sub == "fixed":
-                disk.top.resize(5 * MiB)
-            else:  # 3 MiB with 2 MiB blocks: the BAT has room for 4 MiB only
-                with pytest.raises(vmferry.VmferryError, match="BAT"):
-                    disk.top.resize(5 * MiB)
-                disk.top.resize(4 * MiB)
-        new = 5 * MiB if sub == "fixed" else 4 * MiB
+            disk.top.resize(4 * MiB)  # within the BAT's room (dynamic: 2 entries of 2 MiB)
+            disk.top.resize(9 * MiB)  # past it: a dynamic VHD's BAT is moved to the end
+            disk.write(8 * MiB, b"tail")
+        new = 9 * MiB
         assert qemu_img_info(img, "vpc")["virtual-size"] == new
         with vmferry.open(img) as disk:
             assert disk.read(3 * MiB - 4, 8) == b"end!" + bytes(4)
-            assert disk.read(new - MiB, MiB) == bytes(MiB)
+            assert disk.read(8 * MiB, 8) == b"tail" + bytes(4)
+            assert disk.read(4 * MiB, 4 * MiB) == bytes(4 * MiB)
+        raw = tmp_path / f"r{sub}.raw"
+        qemu_img("convert", "-f", "vpc", "-O", "raw", str(img), str(raw))
+        data = raw.read_bytes()
+        assert data[3 * MiB - 4 : 3 * MiB] == b"end!" and data[8 * MiB : 8 * MiB + 4] == b"tail"
 
 
 # --- differencing chains, checked with libvhdi ---------------------------------------------------
