@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from vmferry import __version__
-from vmferry.cli import chains, disk, vm
+from vmferry.cli import chains, disk, guest, vm
 from vmferry.cli.common import handle_errors
 
 
@@ -31,6 +31,8 @@ for command in (
     chains.rebase_cmd,
     chains.resize_cmd,
     vm.vm_group,
+    guest.inspect_cmd,
+    guest.fix_cmd,
 ):
     cli.add_command(command)
 
