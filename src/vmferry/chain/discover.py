@@ -19,12 +19,14 @@ from vmferry.chain.resolve import candidate_paths
 from vmferry.disk import FORMATS, DiskFormat, ParentRef
 from vmferry.errors import VmferryError
 
-#: files that can hold a disk layer, by extension (".vmdk" includes descriptors and extents)
-DISK_EXTENSIONS = frozenset(ext for drv in FORMATS if drv.name != "raw" for ext in drv.extensions)
-#: VM configurations that name the disks a VM uses
-CONFIG_EXTENSIONS = frozenset({".vmx", ".xml", ".vmcx", ".vbox", ".ovf"})
 #: saved memory / device state that snapshots and suspended VMs leave beside the disks
 MEMORY_EXTENSIONS = frozenset({".bin", ".vsv", ".vmrs", ".vmem", ".vmsn", ".vmss", ".sav"})
+#: VM configurations that name the disks a VM uses
+CONFIG_EXTENSIONS = frozenset({".vmx", ".xml", ".vmcx", ".vbox", ".ovf"})
+#: files that can hold a disk layer, by extension (a Hyper-V .bin is memory, not a raw disk)
+DISK_EXTENSIONS = frozenset(
+    ext for drv in FORMATS for ext in drv.extensions if ext not in MEMORY_EXTENSIONS
+)
 MAX_FILES = 100_000
 
 
@@ -40,6 +42,7 @@ class Node:
     identity: dict[str, str]
     parent_ref: ParentRef | None
     full_size: int  # what the file would take fully allocated (worst case for a leaf)
+    files: list[str] = field(default_factory=list)  # every file of the layer (VMDK extents)
     parent: Node | None = None
     claimed_parent: Node | None = None  # the file a broken link names, identity mismatched
     children: list[Node] = field(default_factory=list)
@@ -130,28 +133,24 @@ def _node(path: Path) -> Node | Unreadable | None:
 
 
 def _describe(path: Path, layer: DiskFormat) -> Node:
-    f = layer.file
+    """A layer's place and cost; sizes add up every file of it (a VMDK's extents too)."""
     try:
         full = layer.measure(layer.virtual_size, [(0, layer.virtual_size)], {})[1]
     except VmferryError:
         full = layer.virtual_size
+    files = [os.path.realpath(p) for p in layer.files()]
+    stats = [os.stat(p) for p in files if os.path.exists(p)]
+    apparent = sum(st.st_size for st in stats)
     return Node(
         path=path,
         format=layer.name,
         virtual_size=layer.virtual_size,
-        file_size=f.size,
-        allocated_bytes=f.allocated_bytes,
+        file_size=apparent,
+        allocated_bytes=sum(st.st_blocks * 512 for st in stats),
         identity=dict(layer.identity()),
         parent_ref=layer.parent_ref(),
-        full_size=max(full, f.size),
-    )
-
-
-def _is_extent_of_descriptor(path: Path) -> bool:
-    """VMware's -flat/-sNNN/-delta extent files belong to a descriptor, not to a chain."""
-    stem = path.stem
-    return stem.endswith(("-flat", "-delta", "-sesparse")) or (
-        len(stem) > 5 and stem[-5] == "-" and stem[-4] == "s" and stem[-3:].isdigit()
+        full_size=max(full, apparent),
+        files=files,
     )
 
 
@@ -173,15 +172,22 @@ def discover(paths: Sequence[str | os.PathLike[str]], *, max_depth: int | None =
             disks = _config_disks(path)
             if disks is not None:
                 configs[str(path)] = disks
-        elif suffix in DISK_EXTENSIONS and not _is_extent_of_descriptor(path):
+        elif suffix in DISK_EXTENSIONS:
             found = _node(path)
             if isinstance(found, Node):
                 nodes.append(found)
             elif isinstance(found, Unreadable):
                 unreadable.append(found)
+    nodes = _without_companions(nodes)
     _link(nodes)
     _mark_in_use(nodes, configs)
     return Forest(nodes, unreadable, configs, memory)
+
+
+def _without_companions(nodes: list[Node]) -> list[Node]:
+    """Drop files that are part of another layer (a descriptor's flat or sparse extents)."""
+    companions = {f for n in nodes for f in n.files if f != os.path.realpath(n.path)}
+    return [n for n in nodes if os.path.realpath(n.path) not in companions]
 
 
 def _link(nodes: list[Node]) -> None:

@@ -47,7 +47,7 @@ def rebase(
                 if str(have.get(k, "")).lower() != str(v).lower()
             ]
             if parent.virtual_size > child.virtual_size or (
-                parent.virtual_size != child.virtual_size and child.name in ("vhd", "vhdx")
+                parent.virtual_size != child.virtual_size and child.child_size_must_match
             ):
                 diffs.append(f"size: child {child.virtual_size}, parent {parent.virtual_size}")
             if not ref.identity:

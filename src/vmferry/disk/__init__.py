@@ -10,39 +10,17 @@ from pathlib import Path
 
 from vmferry.disk.base import Alloc, CheckReport, DiskFormat, Extent, ParentInfo, ParentRef
 from vmferry.disk.blockfile import BlockFile
+from vmferry.disk.ova import Ova
+from vmferry.disk.qcow2 import Qcow2
 from vmferry.disk.raw import Raw
+from vmferry.disk.vdi import Vdi
+from vmferry.disk.vhd import Vhd
+from vmferry.disk.vhdx import Vhdx
+from vmferry.disk.vmdk import Vmdk
 from vmferry.errors import UnknownFormatError, UsageError
 
-FORMATS: tuple[type[DiskFormat], ...] = (Raw,)
+FORMATS: tuple[type[DiskFormat], ...] = (Raw, Vhd, Vhdx, Vmdk, Qcow2, Vdi, Ova)
 
-
-
-def _optional_drivers() -> tuple[type[DiskFormat], ...]:
-    """Drivers still being written are registered once their module exists."""
-    import importlib
-
-    found: list[type[DiskFormat]] = []
-    for module, cls in (
-        ("vhd", "Vhd"),
-        ("vhdx", "Vhdx"),
-        ("vmdk", "Vmdk"),
-        ("qcow2", "Qcow2"),
-        ("vdi", "Vdi"),
-        ("ova", "Ova"),
-    ):
-        try:
-            mod = importlib.import_module(f"vmferry.disk.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"vmferry.disk.{module}":
-                raise
-            continue
-        driver = getattr(mod, cls, None)
-        if driver is not None:
-            found.append(driver)
-    return tuple(found)
-
-
-FORMATS += _optional_drivers()
 
 __all__ = [
     "FORMATS",

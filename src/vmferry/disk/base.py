@@ -100,6 +100,8 @@ class DiskFormat(ABC):
     parent_formats: ClassVar[tuple[str, ...]] = ()
     #: option name -> one-line description; what ``-o`` accepts on create/convert
     create_options: ClassVar[Mapping[str, str]] = {}
+    #: a child must have exactly its parent's virtual size (VHD/VHDX); others may be larger
+    child_size_must_match: ClassVar[bool] = False
     #: the layer writes through ``write`` (some formats are read-only in vmferry)
     writable_format: ClassVar[bool] = True
 

@@ -263,6 +263,7 @@ class Vhd(DiskFormat):
     extensions = (".vhd", ".avhd")
     supports_parent = True
     parent_formats = ("vhd",)
+    child_size_must_match = True
     create_options = {
         "subformat": "dynamic (default) or fixed",
         "block_size": "dynamic/differencing block size, a power of two from 512K to 256M (2M)",

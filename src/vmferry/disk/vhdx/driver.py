@@ -127,6 +127,7 @@ class Vhdx(DiskFormat):
     extensions = (".vhdx", ".avhdx")
     supports_parent = True
     parent_formats = ("vhdx",)
+    child_size_must_match = True
     create_options = {
         "subformat": "dynamic (default) or fixed",
         "block_size": "payload block size, power of two 1M..256M (default 32M, or the parent's)",
