@@ -76,17 +76,14 @@ from vmferry.guest.fs.ext_layout import (
     crc32c_raw,
     feature_names,
 )
-from vmferry.guest.fs.types import DirEntry, GuestFileNotFound, Stat
+from vmferry.guest.fs.tree import MAX_FILE_READ, MAX_PATH, TreeFilesystem
+from vmferry.guest.fs.types import DirEntry, Stat
 from vmferry.guest.overlay import ReadableDisk
 
 ROOT_INO = 2
-MAX_FILE_READ = 256 << 20
 MAX_DIR_BYTES = 64 << 20
-MAX_SYMLINK_HOPS = 40
 MAX_EXTENT_DEPTH = 5
 MAX_GROUPS = 1 << 22
-MAX_PATH = 4096
-DIR_CACHE_DIRS = 256
 
 S_IFMT = 0o170000
 _FT_KIND = {1: "file", 2: "dir", 3: "chr", 4: "blk", 5: "fifo", 6: "sock", 7: "symlink"}
@@ -130,10 +127,14 @@ class _Group:
     free_blocks: int
 
 
-class ExtFilesystem:
+class ExtFilesystem(TreeFilesystem):
     """One ext2/3/4 filesystem on ``dev`` (a partition :class:`Slice` or a whole disk)."""
 
     type = "ext"
+
+    @property
+    def root_ino(self) -> int:
+        return ROOT_INO
 
     def __init__(self, dev: ReadableDisk) -> None:
         self.dev = dev
@@ -496,52 +497,6 @@ class ExtFilesystem:
                     yield DirEntry(name, h.inode, kind)
                 pos += h.rec_len
 
-    def _lookup_in(self, dir_ino: int, name: str) -> int | None:
-        """One directory step; listings are cached (directories are never written here)."""
-        names = self._dir_cache.get(dir_ino)
-        if names is None:
-            names = {e.name: e.inode for e in self._dir_entries(self.inode(dir_ino))}
-            if len(self._dir_cache) >= DIR_CACHE_DIRS:
-                self._dir_cache.pop(next(iter(self._dir_cache)))
-            self._dir_cache[dir_ino] = names
-        return names.get(name)
-
-    def resolve(self, path: str, *, follow: bool = True) -> Inode:
-        """The inode at ``path``; symlinks resolved inside this filesystem, at most 40 hops."""
-        if len(path) > MAX_PATH:
-            raise GuestLimitError("path longer than 4096 bytes")
-        hops = 0
-        stack: list[int] = [ROOT_INO]  # directory inodes from the root down
-        parts = [p for p in path.split("/") if p not in ("", ".")]
-        parts.reverse()
-        while parts:
-            name = parts.pop()
-            if name == "..":
-                if len(stack) > 1:
-                    stack.pop()
-                continue
-            cur = self.inode(stack[-1])
-            if cur.kind != "dir":
-                raise NotADirectoryInGuestError(f"{path}: a component is not a directory")
-            child = self._lookup_in(cur.ino, name)
-            if child is None:
-                raise GuestFileNotFound("not found in the guest filesystem", path=path)
-            node = self.inode(child)
-            if node.kind == "symlink" and (parts or follow):
-                hops += 1
-                if hops > MAX_SYMLINK_HOPS:
-                    raise GuestLimitError(f"{path}: more than {MAX_SYMLINK_HOPS} symlinks")
-                target = self._readlink_node(node)
-                if target.startswith("/"):
-                    stack = [ROOT_INO]
-                new = [p for p in target.split("/") if p not in ("", ".")]
-                parts.extend(reversed(new))
-                if len(parts) > MAX_PATH:
-                    raise GuestLimitError(f"{path}: symlinks expand past 4096 components")
-                continue
-            stack.append(child)
-        return self.inode(stack[-1])
-
     def _readlink_node(self, node: Inode) -> str:
         size = node.size
         if size > MAX_PATH:
@@ -560,35 +515,9 @@ class ExtFilesystem:
         node = self.resolve(path, follow=follow)
         return Stat(node.ino, node.kind, node.size, node.mode & 0o7777)
 
-    def exists(self, path: str) -> bool:
-        try:
-            self.resolve(path)
-        except (GuestFileNotFound, NotADirectoryInGuestError):
-            return False
-        return True
-
-    def read_file(self, path: str, limit: int = MAX_FILE_READ) -> bytes:
-        node = self.resolve(path)
-        if node.kind != "file":
-            raise GuestFileNotFound("not a regular file", path=path)
-        return self.read_inode_data(node, limit)
-
     def read_head(self, path: str, length: int) -> bytes:
         """The first ``length`` bytes of a regular file (an ELF header, a magic number)."""
-        node = self.resolve(path)
-        if node.kind != "file":
-            raise GuestFileNotFound("not a regular file", path=path)
-        return self.read_inode_data(node, MAX_FILE_READ, head=length)
-
-    def readlink(self, path: str) -> str:
-        node = self.resolve(path, follow=False)
-        if node.kind != "symlink":
-            raise GuestFileNotFound("not a symlink", path=path)
-        return self._readlink_node(node)
-
-    def listdir(self, path: str) -> list[DirEntry]:
-        node = self.resolve(path)
-        return [e for e in self._dir_entries(node) if e.name not in (".", "..")]
+        return self.read_inode_data(self._regular(path), MAX_FILE_READ, head=length)
 
     # --- writing --------------------------------------------------------------------------------
 

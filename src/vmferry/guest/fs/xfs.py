@@ -21,15 +21,12 @@ from vmferry.guest.errors import (
     NotADirectoryInGuestError,
     UnsupportedGuestFeatureError,
 )
-from vmferry.guest.fs.types import DirEntry, GuestFileNotFound, Stat
+from vmferry.guest.fs.tree import MAX_FILE_READ, MAX_PATH, TreeFilesystem
+from vmferry.guest.fs.types import DirEntry, Stat
 from vmferry.guest.overlay import ReadableDisk
 
-MAX_FILE_READ = 256 << 20
 MAX_DIR_BYTES = 64 << 20
-MAX_SYMLINK_HOPS = 40
-MAX_PATH = 4096
 MAX_BTREE_DEPTH = 8
-DIR_CACHE_DIRS = 256
 DIR_LEAF_OFFSET = 32 << 30  # directory data blocks live below this byte offset
 
 INCOMPAT = {
@@ -149,10 +146,14 @@ class XfsInode:
         }.get(self.core.mode & 0o170000, "unknown")
 
 
-class XfsFilesystem:
+class XfsFilesystem(TreeFilesystem):
     """One XFS filesystem on ``dev``, read-only."""
 
     type = "xfs"
+
+    @property
+    def root_ino(self) -> int:
+        return self.sb.rootino
 
     def __init__(self, dev: ReadableDisk) -> None:
         self.dev = dev
@@ -381,52 +382,6 @@ class XfsFilesystem:
             if name not in (".", ".."):
                 out.append(DirEntry(name, child, _FTYPE.get(ftype, "unknown")))
 
-    def _lookup_in(self, dir_ino: int, name: str) -> int | None:
-        """One directory step; listings cached (this reader never changes them)."""
-        names = self._dir_cache.get(dir_ino)
-        if names is None:
-            names = {e.name: e.inode for e in self._dir_entries(self.inode(dir_ino))}
-            if len(self._dir_cache) >= DIR_CACHE_DIRS:
-                self._dir_cache.pop(next(iter(self._dir_cache)))
-            self._dir_cache[dir_ino] = names
-        return names.get(name)
-
-    # --- paths ----------------------------------------------------------------------------------
-
-    def resolve(self, path: str, *, follow: bool = True) -> XfsInode:
-        """Symlinks resolved inside this filesystem, at most 40 hops; ``..`` stops at the root."""
-        if len(path) > MAX_PATH:
-            raise GuestLimitError("path longer than 4096 bytes")
-        hops = 0
-        stack = [self.sb.rootino]
-        parts = [p for p in path.split("/") if p not in ("", ".")][::-1]
-        while parts:
-            name = parts.pop()
-            if name == "..":
-                if len(stack) > 1:
-                    stack.pop()
-                continue
-            cur = self.inode(stack[-1])
-            if cur.kind != "dir":
-                raise NotADirectoryInGuestError(f"{path}: a component is not a directory")
-            child = self._lookup_in(cur.ino, name)
-            if child is None:
-                raise GuestFileNotFound("not found in the guest filesystem", path=path)
-            node = self.inode(child)
-            if node.kind == "symlink" and (parts or follow):
-                hops += 1
-                if hops > MAX_SYMLINK_HOPS:
-                    raise GuestLimitError(f"{path}: more than {MAX_SYMLINK_HOPS} symlinks")
-                target = self._readlink_node(node)
-                if target.startswith("/"):
-                    stack = [self.sb.rootino]
-                parts.extend([p for p in target.split("/") if p not in ("", ".")][::-1])
-                if len(parts) > MAX_PATH:
-                    raise GuestLimitError(f"{path}: symlinks expand past 4096 components")
-                continue
-            stack.append(child)
-        return self.inode(stack[-1])
-
     def _readlink_node(self, node: XfsInode) -> str:
         size = node.core.size
         if size > MAX_PATH:
@@ -456,35 +411,11 @@ class XfsFilesystem:
         node = self.resolve(path, follow=follow)
         return Stat(node.ino, node.kind, node.core.size, node.core.mode & 0o7777)
 
-    def exists(self, path: str) -> bool:
-        try:
-            self.resolve(path)
-        except (GuestFileNotFound, NotADirectoryInGuestError):
-            return False
-        return True
-
-    def read_file(self, path: str, limit: int = MAX_FILE_READ) -> bytes:
-        node = self.resolve(path)
-        if node.kind != "file":
-            raise GuestFileNotFound("not a regular file", path=path)
-        return self.read_inode_data(node, limit)
-
     def read_head(self, path: str, length: int) -> bytes:
-        node = self.resolve(path)
-        if node.kind != "file":
-            raise GuestFileNotFound("not a regular file", path=path)
+        node = self._regular(path)
         if node.core.format == FMT_LOCAL:
             return node.fork[: min(length, node.core.size)]
         return self._read_range(node, min(length, node.core.size))
-
-    def readlink(self, path: str) -> str:
-        node = self.resolve(path, follow=False)
-        if node.kind != "symlink":
-            raise GuestFileNotFound("not a symlink", path=path)
-        return self._readlink_node(node)
-
-    def listdir(self, path: str) -> list[DirEntry]:
-        return [e for e in self._dir_entries(self.resolve(path)) if e.name not in (".", "..")]
 
 
 def _bmbt_rec(buf: bytes, at: int) -> tuple[int, int, int, bool]:
