@@ -27,6 +27,8 @@ from vmferry.ops.sparse import nonzero_runs
 CHUNK = 8 << 20
 #: chunks read ahead of the one being written
 READ_AHEAD = 2
+#: bytes written between requests to start writing them back to disk
+WRITEBACK_EVERY = 64 << 20
 
 
 @dataclass
@@ -81,7 +83,7 @@ def copy_chain(src: Chain, dst: DiskFormat, progress: Progress) -> tuple[int, in
     """
     plan, total = _read_plan(src)
     progress.start(total, "converting")
-    done = written = 0
+    done = written = flushed = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmferry-read") as pool:
         pending: deque[Future[bytes]] = deque()
         for i in range(min(READ_AHEAD, len(plan))):
@@ -97,6 +99,9 @@ def copy_chain(src: Chain, dst: DiskFormat, progress: Progress) -> tuple[int, in
                 rel = run_off - pos
                 dst.write(run_off, buf[rel : rel + run_len] if run_len != n else buf)
                 written += run_len
+            if written - flushed >= WRITEBACK_EVERY:
+                dst.file.start_writeback()  # the final sync then finds little left to do
+                flushed = written
             done += n
             progress.advance(done)
     progress.finish()
