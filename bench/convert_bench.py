@@ -17,6 +17,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -93,8 +94,14 @@ def qemu_cmd(src: Path, sfmt: str, dst: Path, dfmt: str) -> list[str]:
     return [*cmd, str(src), str(dst)]
 
 
+def _vmferry() -> str:
+    """The installed console script itself (not a version manager's shim in front of it)."""
+    script = Path(sysconfig.get_path("scripts")) / "vmferry"
+    return str(script) if script.exists() else "vmferry"
+
+
 def vmferry_cmd(src: Path, sfmt: str, dst: Path, dfmt: str) -> list[str]:
-    return ["vmferry", "convert", "--no-progress", "-f", sfmt, "-O", dfmt, str(src), str(dst)]
+    return [_vmferry(), "convert", "--no-progress", "-f", sfmt, "-O", dfmt, str(src), str(dst)]
 
 
 def main() -> None:

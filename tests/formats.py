@@ -6,7 +6,9 @@ operation the day it lands.
 
 from __future__ import annotations
 
-from vmferry.disk import FORMATS
+from vmferry.disk import all_formats
+
+FORMATS = all_formats()
 
 #: vmferry name -> (qemu-img name, qemu-img create options for each subformat worth testing)
 QEMU: dict[str, tuple[str, list[str]]] = {

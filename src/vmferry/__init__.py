@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 
 from vmferry.chain import Chain, open_chain
-from vmferry.disk import FORMATS, Alloc, Extent
+from vmferry.disk import Alloc, Extent
 from vmferry.errors import VmferryError
 from vmferry.ops.create import create as _create
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from vmferry.chain.open import open_layer
 from vmferry.chain.resolve import candidate_paths
-from vmferry.disk import FORMATS, DiskFormat, ParentRef
+from vmferry.disk import REGISTRY, DiskFormat, ParentRef
 from vmferry.errors import VmferryError
 
 #: saved memory / device state that snapshots and suspended VMs leave beside the disks
@@ -25,7 +25,7 @@ MEMORY_EXTENSIONS = frozenset({".bin", ".vsv", ".vmrs", ".vmem", ".vmsn", ".vmss
 CONFIG_EXTENSIONS = frozenset({".vmx", ".xml", ".vmcx", ".vbox", ".ovf"})
 #: files that can hold a disk layer, by extension (a Hyper-V .bin is memory, not a raw disk)
 DISK_EXTENSIONS = frozenset(
-    ext for drv in FORMATS for ext in drv.extensions if ext not in MEMORY_EXTENSIONS
+    ext for drv in REGISTRY for ext in drv.extensions if ext not in MEMORY_EXTENSIONS
 )
 MAX_FILES = 100_000
 

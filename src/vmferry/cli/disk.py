@@ -324,7 +324,7 @@ def measure_cmd(
 @handle_errors
 def formats_cmd(as_json: bool) -> None:
     """List the disk formats vmferry reads and writes, with their -o options."""
-    from vmferry.disk import FORMATS
+    from vmferry.disk import all_formats
 
     rows = [
         {
@@ -335,7 +335,7 @@ def formats_cmd(as_json: bool) -> None:
             "parents": d.supports_parent,
             "options": dict(d.create_options),
         }
-        for d in FORMATS
+        for d in all_formats()
     ]
     if as_json:
         emit_json(rows)

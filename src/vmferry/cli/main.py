@@ -1,54 +1,57 @@
-"""Entry point of the ``vmferry`` command."""
+"""Entry point of the ``vmferry`` command.
+
+Commands are imported when they run, not at start-up: a `vmferry convert` should not pay for
+loading the VM-config readers or the guest filesystems.
+"""
 
 from __future__ import annotations
+
+import importlib
 
 import click
 
 from vmferry import __version__
-from vmferry.cli import chains, disk, guest, vm
-from vmferry.cli.common import handle_errors
+
+#: command name -> "module:attribute" (in the order `--help` lists them)
+COMMANDS = {
+    "info": "vmferry.cli.disk:info",
+    "check": "vmferry.cli.disk:check",
+    "convert": "vmferry.cli.disk:convert_cmd",
+    "create": "vmferry.cli.disk:create_cmd",
+    "compare": "vmferry.cli.disk:compare_cmd",
+    "map": "vmferry.cli.disk:map_cmd",
+    "measure": "vmferry.cli.disk:measure_cmd",
+    "formats": "vmferry.cli.disk:formats_cmd",
+    "chain": "vmferry.cli.chains:chain_cmd",
+    "du": "vmferry.cli.chains:du_cmd",
+    "merge": "vmferry.cli.chains:merge_cmd",
+    "rebase": "vmferry.cli.chains:rebase_cmd",
+    "resize": "vmferry.cli.chains:resize_cmd",
+    "vm": "vmferry.cli.vm:vm_group",
+    "inspect": "vmferry.cli.guest:inspect_cmd",
+    "fix": "vmferry.cli.guest:fix_cmd",
+    "demo": "vmferry.cli.demo:demo",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        command: click.Command = getattr(importlib.import_module(module), attr)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vmferry")
 def cli() -> None:
     """Move virtual machines between hypervisors so that they boot, and manage the
     differencing-disk (snapshot / checkpoint) chains hypervisors leave behind."""
-
-
-for command in (
-    disk.info,
-    disk.check,
-    disk.convert_cmd,
-    disk.create_cmd,
-    disk.compare_cmd,
-    disk.map_cmd,
-    disk.measure_cmd,
-    disk.formats_cmd,
-    chains.chain_cmd,
-    chains.du_cmd,
-    chains.merge_cmd,
-    chains.rebase_cmd,
-    chains.resize_cmd,
-    vm.vm_group,
-    guest.inspect_cmd,
-    guest.fix_cmd,
-):
-    cli.add_command(command)
-
-
-@cli.command()
-@click.argument("workdir", default="./vmferry-demo", type=click.Path(file_okay=False))
-@handle_errors
-def demo(workdir: str) -> None:
-    """Build a Hyper-V disk with checkpoints, flatten and convert it, verify with qemu-img."""
-    from pathlib import Path
-
-    from vmferry.demo import run_demo
-
-    Path(workdir).mkdir(parents=True, exist_ok=True)
-    if not run_demo(Path(workdir), click.echo):
-        raise SystemExit(1)
 
 
 def main() -> None:

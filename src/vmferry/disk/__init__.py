@@ -6,24 +6,60 @@ here.  Lookup is by qemu-img's format names (and aliases) so users and oracles a
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from vmferry.disk.base import Alloc, CheckReport, DiskFormat, Extent, ParentInfo, ParentRef
 from vmferry.disk.blockfile import BlockFile
-from vmferry.disk.ova import Ova
-from vmferry.disk.qcow2 import Qcow2
-from vmferry.disk.raw import Raw
-from vmferry.disk.vdi import Vdi
-from vmferry.disk.vhd import Vhd
-from vmferry.disk.vhdx import Vhdx
-from vmferry.disk.vmdk import Vmdk
 from vmferry.errors import UnknownFormatError, UsageError
 
-FORMATS: tuple[type[DiskFormat], ...] = (Raw, Vhd, Vhdx, Vmdk, Qcow2, Vdi, Ova)
+
+@dataclass(frozen=True)
+class _Entry:
+    """A driver as the registry knows it before importing it (startup time is user time)."""
+
+    name: str
+    aliases: tuple[str, ...]
+    extensions: tuple[str, ...]
+    module: str
+    cls: str
+
+    def load(self) -> type[DiskFormat]:
+        driver: type[DiskFormat] = getattr(importlib.import_module(self.module), self.cls)
+        return driver
+
+
+#: every driver, in probe-tie order; tests check each entry against its class's attributes
+REGISTRY: tuple[_Entry, ...] = (
+    _Entry("raw", ("img",), (".raw", ".img", ".bin", ".dd"), "vmferry.disk.raw", "Raw"),
+    _Entry("vhd", ("vpc",), (".vhd", ".avhd"), "vmferry.disk.vhd", "Vhd"),
+    _Entry("vhdx", (), (".vhdx", ".avhdx"), "vmferry.disk.vhdx", "Vhdx"),
+    _Entry("vmdk", (), (".vmdk",), "vmferry.disk.vmdk", "Vmdk"),
+    _Entry("qcow2", (), (".qcow2", ".qcow"), "vmferry.disk.qcow2", "Qcow2"),
+    _Entry("vdi", (), (".vdi",), "vmferry.disk.vdi", "Vdi"),
+    _Entry("ova", (), (".ova",), "vmferry.disk.ova", "Ova"),
+)
+_loaded: tuple[type[DiskFormat], ...] | None = None
+
+
+def all_formats() -> tuple[type[DiskFormat], ...]:
+    """Every driver class (imports them all: for probing and listings, not for one open)."""
+    global _loaded
+    if _loaded is None:
+        _loaded = tuple(e.load() for e in REGISTRY)
+    return _loaded
+
+
+def __getattr__(name: str) -> object:
+    if name == "FORMATS":
+        return all_formats()
+    raise AttributeError(name)
 
 
 __all__ = [
     "FORMATS",
+    "REGISTRY",
     "Alloc",
     "BlockFile",
     "CheckReport",
@@ -31,6 +67,7 @@ __all__ = [
     "Extent",
     "ParentInfo",
     "ParentRef",
+    "all_formats",
     "driver_by_name",
     "driver_for_extension",
     "probe",
@@ -42,18 +79,18 @@ _PROBE_TAIL = 1024
 
 def driver_by_name(name: str) -> type[DiskFormat]:
     wanted = name.lower()
-    for drv in FORMATS:
-        if wanted == drv.name or wanted in drv.aliases:
-            return drv
-    known = ", ".join(sorted(d.name for d in FORMATS))
+    for entry in REGISTRY:
+        if wanted == entry.name or wanted in entry.aliases:
+            return entry.load()
+    known = ", ".join(sorted(e.name for e in REGISTRY))
     raise UsageError(f"unknown format {name!r}", hint=f"known formats: {known}")
 
 
 def driver_for_extension(path: str | Path) -> type[DiskFormat] | None:
     suffix = Path(path).suffix.lower()
-    for drv in FORMATS:
-        if suffix in drv.extensions:
-            return drv
+    for entry in REGISTRY:
+        if suffix in entry.extensions:
+            return entry.load()
     return None
 
 
@@ -63,7 +100,7 @@ def probe(f: BlockFile) -> type[DiskFormat]:
     tail_len = min(_PROBE_TAIL, f.size)
     tail = f.pread(f.size - tail_len, tail_len) if tail_len else b""
     best: tuple[int, type[DiskFormat]] | None = None
-    for drv in FORMATS:
+    for drv in all_formats():
         score = drv.probe(head, tail, f.size)
         if score > 0 and (best is None or score > best[0]):
             best = (score, drv)
