@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 
@@ -27,6 +28,6 @@ def test_opening_one_format_imports_only_its_driver() -> None:
         "print(sorted(m for m in sys.modules if m.startswith('vmferry.disk.')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    loaded = eval(out.stdout)  # a list of module names printed by the child
+    loaded = ast.literal_eval(out.stdout)  # the module names the child printed
     assert "vmferry.disk.vhd" in loaded
     assert not any(m.startswith(("vmferry.disk.qcow2", "vmferry.disk.vmdk")) for m in loaded)
