@@ -83,3 +83,24 @@ def test_convert_never_leaves_partial_output(
     with pytest.raises(KeyboardInterrupt):
         convert(src, tmp_path / "b.raw")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.raw"]
+
+
+@pytest.mark.parametrize(("fmt", "opts"), our_variants(), ids=str)
+def test_measure_predicts_the_converted_size(
+    tmp_path: Path, fmt: str, opts: dict[str, str]
+) -> None:
+    """measure's "required" is what convert then writes (allocated, for sparse outputs)."""
+    from vmferry.errors import UnsupportedFeatureError
+    from vmferry.ops.measure import measure
+
+    src = _qemu_source(tmp_path, "raw", "raw", "", seed=7)
+    try:
+        predicted = measure(src, fmt, options=opts)
+    except UnsupportedFeatureError as exc:
+        pytest.skip(str(exc))
+    dst = tmp_path / f"dst{EXTENSION[fmt]}"
+    convert(src, dst, options=opts)
+    size = dst.stat().st_size if fmt != "raw" else dst.stat().st_blocks * 512
+    assert predicted["required"] >= size * 0.97, (predicted, size)
+    assert predicted["required"] <= size * 1.25 + (1 << 20), (predicted, size)
+    assert predicted["fully-allocated"] >= predicted["required"]

@@ -22,7 +22,7 @@ import struct
 import time
 import uuid
 from array import array
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Self
 from urllib.parse import unquote, urlparse
 
@@ -918,6 +918,25 @@ class Vhd(DiskFormat):
             f.write(size, pack_footer(footer))
             return cls.open(f, writable=True)
         return cls._create_dynamic(f, size, footer, block_size, parent)
+
+    @classmethod
+    def measure(
+        cls, virtual_size: int, data_ranges: Sequence[tuple[int, int]], options: Mapping[str, str]
+    ) -> tuple[int, int]:
+        """The file sizes ``create`` + writes of ``data_ranges`` produce (layout of create)."""
+        azure = _bool_option(options, "azure")
+        subformat = options.get("subformat", "fixed" if azure else "dynamic").strip().lower()
+        size = _round_up(virtual_size, _MiB if azure else SECTOR)
+        if subformat == "fixed":
+            return size + FOOTER_SIZE, size + FOOTER_SIZE
+        bs = _parse_size(options.get("block_size", str(DEFAULT_BLOCK_SIZE)), "block_size")
+        per_block = _round_up(_round_up(bs // SECTOR, 8) // 8, SECTOR) + bs
+        blocks = -(-size // bs)
+        overhead = FOOTER_SIZE + HEADER_SIZE + _round_up(4 * blocks, SECTOR) + FOOTER_SIZE
+        touched = {
+            b for off, n in data_ranges for b in range(off // bs, -(-(off + n) // bs))
+        }
+        return overhead + len(touched) * per_block, overhead + blocks * per_block
 
     @classmethod
     def _create_dynamic(

@@ -13,9 +13,11 @@ from __future__ import annotations
 import os
 import re
 import sys
+import tempfile
 import uuid
 from array import array
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Self
 
 from vmferry.disk.base import Alloc, CheckReport, DiskFormat, Extent, ParentInfo, ParentRef
@@ -135,6 +137,27 @@ class Vhdx(DiskFormat):
         "logical_sector_size": "512 (default, or the parent's) or 4096",
         "physical_sector_size": "512 or 4096 (default 4096)",
     }
+
+    @classmethod
+    def measure(
+        cls, virtual_size: int, data_ranges: Sequence[tuple[int, int]], options: Mapping[str, str]
+    ) -> tuple[int, int]:
+        """Exact: the metadata of an empty image made with these options (made, in a temporary
+        directory, by ``create`` itself) plus one payload block per block the data touches."""
+        with tempfile.TemporaryDirectory(prefix="vmferry-measure-") as tmp:
+            f = BlockFile.open(Path(tmp) / "m.vhdx", writable=True, create=True)
+            f.cache_unsafe = True
+            layer = cls.create(f, virtual_size, options, None)
+            try:
+                empty, bs, fixed = f.size, layer.block_size, layer.subformat == "fixed"
+            finally:
+                layer.close()
+        if fixed:
+            return empty, empty
+        blocks = -(-virtual_size // bs)
+        touched = {b for off, n in data_ranges for b in range(off // bs, -(-(off + n) // bs))}
+        base = -(-empty // MiB) * MiB  # payload blocks start 1 MiB-aligned after metadata
+        return base + len(touched) * bs, base + blocks * bs
 
     # --- opening ------------------------------------------------------------------------------
 
