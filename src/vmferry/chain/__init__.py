@@ -1,5 +1,7 @@
 """Chains of differencing disks: open, map, discover, measure, merge, rebase and resize them."""
 
+import importlib
+
 from vmferry.chain.chain import Chain, MapExtent
 from vmferry.chain.open import open_chain, open_layer
 from vmferry.chain.resolve import MAX_CHAIN_DEPTH, ResolveOptions
@@ -11,11 +13,13 @@ __all__ = [
     "ResolveOptions",
     "commit",
     "commit_all",
+    "compact",
     "discover",
     "open_chain",
     "open_layer",
     "rebase",
     "resize",
+    "snapshot",
     "usage",
 ]
 
@@ -34,6 +38,9 @@ def __getattr__(name: str):  # type: ignore[no-untyped-def]
         from vmferry.chain import merge
 
         return getattr(merge, name)
+    if name in ("snapshot", "compact"):
+        module = importlib.import_module(f"vmferry.chain.{name}")
+        return getattr(module, name)
     if name in ("rebase", "resize"):
         from vmferry.chain import surgery
 

@@ -215,9 +215,23 @@ def rebase_cmd(
 @click.argument("image", type=click.Path(exists=True, dir_okay=False))
 @click.argument("size")
 @click.option("--shrink", is_flag=True, help="Allow making the disk smaller (never under data).")
+@click.option(
+    "--chain",
+    "whole_chain",
+    is_flag=True,
+    help="Grow every member of IMAGE's chain (base and all children) consistently.",
+)
+@click.option("--allow-dir", "allow_dirs", multiple=True, type=click.Path(file_okay=False))
 @json_option
 @handle_errors
-def resize_cmd(image: str, size: str, shrink: bool, as_json: bool) -> None:
+def resize_cmd(
+    image: str,
+    size: str,
+    shrink: bool,
+    whole_chain: bool,
+    allow_dirs: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Set IMAGE's virtual size (SIZE, or +SIZE / -SIZE relative)."""
     from vmferry.chain.open import open_layer
 
@@ -229,8 +243,62 @@ def resize_cmd(image: str, size: str, shrink: bool, as_json: bool) -> None:
         target = current + delta if size[0] == "+" else current - delta
     else:
         target = parse_size(size)
-    result = resize(image, target, shrink=shrink)
+    result = resize(image, target, shrink=shrink, chain=whole_chain, allowed_dirs=allow_dirs)
     if as_json:
         emit_json(result)
-    else:
-        click.echo(f"{image}: {human_size(result['old_size'])} -> {human_size(result['new_size'])}")
+        return
+    for member in result.get("members", [result]):
+        click.echo(
+            f"{member['image']}: {human_size(member['old_size'])} -> "
+            f"{human_size(member['new_size'])}"
+        )
+    for path in result.get("repointed", []):
+        click.echo(f"re-pinned {path} to its resized parent")
+
+
+@click.command(name="snapshot")
+@click.argument("image", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--branch",
+    is_flag=True,
+    help="Allow a snapshot of an image that already has children (a snapshot tree).",
+)
+@json_option
+@handle_errors
+def snapshot_cmd(image: str, branch: bool, as_json: bool) -> None:
+    """Create the next differencing child of IMAGE, named as its hypervisor names them."""
+    from vmferry.chain.snapshot import snapshot
+
+    result = snapshot(image, branch=branch)
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(result["image"])
+    click.echo(
+        f"{Path(image).name} is now frozen: point the VM at {Path(result['image']).name}",
+        err=True,
+    )
+
+
+@click.command(name="compact")
+@click.argument("image", type=click.Path(exists=True, dir_okay=False))
+@click.option("--allow-dir", "allow_dirs", multiple=True, type=click.Path(file_okay=False))
+@progress_option
+@json_option
+@handle_errors
+def compact_cmd(
+    image: str, allow_dirs: tuple[str, ...], progress: bool | None, as_json: bool
+) -> None:
+    """Give back the space of blocks in IMAGE that read as all zeros (Optimize-VHD)."""
+    from vmferry.chain.compact import compact
+
+    bar = RichProgress(False if as_json else progress)
+    result = compact(image, allowed_dirs=allow_dirs, progress=bar)
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(
+        f"{image}: {human_size(result['allocated_before'])} -> "
+        f"{human_size(result['allocated_after'])} allocated "
+        f"({human_size(result['freed_bytes'])} given back)"
+    )

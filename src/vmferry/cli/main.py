@@ -27,6 +27,8 @@ COMMANDS = {
     "merge": "vmferry.cli.chains:merge_cmd",
     "rebase": "vmferry.cli.chains:rebase_cmd",
     "resize": "vmferry.cli.chains:resize_cmd",
+    "snapshot": "vmferry.cli.chains:snapshot_cmd",
+    "compact": "vmferry.cli.chains:compact_cmd",
     "vm": "vmferry.cli.vm:vm_group",
     "inspect": "vmferry.cli.guest:inspect_cmd",
     "fix": "vmferry.cli.guest:fix_cmd",
