@@ -300,12 +300,26 @@ def _mark_in_use(nodes: list[Node], configs: dict[str, list[str]]) -> None:
     for config, disks in configs.items():
         for disk in disks:
             node = by_real.get(os.path.realpath(disk))
-            if node is None:  # a Windows path in a Hyper-V config: match by name in the scan
-                same = [
-                    n
-                    for n in by_name.get(Path(disk).name.lower(), [])
-                    if Path(config).parent in n.path.parents
-                ]
-                node = same[0] if len(same) == 1 else None
+            if node is None:
+                node = _by_name_in_vm_folder(by_name, disk, Path(config))
             if node is not None and config not in node.used_by:
                 node.used_by.append(config)
+
+
+def vm_folder(config: Path) -> Path:
+    """The folder a VM's files belong in.  Hyper-V keeps its config in ``Virtual Machines/``
+    beside ``Virtual Hard Disks/`` and ``Snapshots/``: there the VM folder is one level up."""
+    return (
+        config.parent.parent
+        if config.parent.name.lower() == "virtual machines"
+        else (config.parent)
+    )
+
+
+def _by_name_in_vm_folder(by_name: dict[str, list[Node]], disk: str, config: Path) -> Node | None:
+    """A disk named by a path from another machine (``C:\\VMs\\web01\\...``): the one image of
+    that name in the VM's folder."""
+    name = disk.replace("\\", "/").rsplit("/", 1)[-1].lower()
+    folder = vm_folder(config)
+    same = [n for n in by_name.get(name, []) if folder in n.path.parents]
+    return same[0] if len(same) == 1 else None

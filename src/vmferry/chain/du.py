@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmferry.chain.discover import Forest, Node
+from vmferry.chain.discover import Forest, Node, vm_folder
 
 
 @dataclass
@@ -66,7 +66,7 @@ def usage(forest: Forest) -> dict[str, Any]:
             for cfg in node.used_by:
                 if cfg not in cu.used_by:
                     cu.used_by.append(cfg)
-        vm_dirs = [Path(c).parent for c in cu.used_by]
+        vm_dirs = [vm_folder(Path(c)) for c in cu.used_by]
         if vm_dirs:
             for node in members:
                 if not any(d == node.path.parent or d in node.path.parents for d in vm_dirs):
@@ -99,7 +99,7 @@ def _attribute_memory(forest: Forest, chains: list[ChainUsage]) -> None:
     for mem in forest.memory_files:
         best: tuple[int, ChainUsage] | None = None
         for cu in chains:
-            anchors = [Path(c).parent for c in cu.used_by]
+            anchors = [vm_folder(Path(c)) for c in cu.used_by]
             anchors = anchors or [Path(f["path"]).parent for f in cu.files]
             for anchor in anchors:
                 common = len(Path(os.path.commonpath([anchor, mem.parent])).parts)

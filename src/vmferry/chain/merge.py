@@ -205,7 +205,9 @@ def commit_all(
             progress=progress,
         )
         total.merged += step.merged
-        total.preserved_siblings += step.preserved_siblings
+        total.preserved_siblings += [
+            s for s in step.preserved_siblings if s not in total.preserved_siblings
+        ]
         total.bytes_copied += step.bytes_copied
         total.warnings += step.warnings
     return total

@@ -76,9 +76,7 @@ def _generic(extension: str) -> Naming:
     return Naming(extension, r"-snap\d+$", lambda stem, n: f"{stem}-snap{n}")
 
 
-def child_name(
-    parent_path: str | os.PathLike[str], fmt: str, existing: Collection[str]
-) -> str:
+def child_name(parent_path: str | os.PathLike[str], fmt: str, existing: Collection[str]) -> str:
     """The file name of the next snapshot child of ``parent_path`` (``existing``: names taken).
 
     Case-insensitive against ``existing`` because Windows and macOS file systems are, and a

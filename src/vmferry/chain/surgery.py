@@ -211,7 +211,7 @@ def _sync_dir(path: Path) -> None:
 
 
 def _pin_state(child: DiskFormat, parent: DiskFormat, note: dict[str, str]) -> str:
-    """"ok" (the child pins the parent as it is), "ours" (it pins the identity the parent had
+    """ "ok" (the child pins the parent as it is), "ours" (it pins the identity the parent had
     before a resize of ours that was interrupted), or "broken" (anything else)."""
     ref = child.parent_ref()
     if ref is None:

@@ -10,6 +10,7 @@ leaves either the old or the new mapping, never a torn one.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -93,12 +94,19 @@ def _code_table(states: dict[int, bytes]) -> bytes:
 
 # UNDEFINED (1), ZERO (2), UNMAPPED (3) and the 0.95 draft's UNMAPPED (5) read as zeros.
 _PLAIN_CODES = _code_table(
-    {0: _C_ZERO, 1: _C_ZERO, 2: _C_ZERO, 3: _C_ZERO, 4: _C_BAD, 5: _C_ZERO, 6: _C_DATA,
-     7: _C_BAD}
+    {0: _C_ZERO, 1: _C_ZERO, 2: _C_ZERO, 3: _C_ZERO, 4: _C_BAD, 5: _C_ZERO, 6: _C_DATA, 7: _C_BAD}
 )
 _DIFF_CODES = _code_table(
-    {0: _C_UNALLOC, 1: _C_ZERO, 2: _C_ZERO, 3: _C_ZERO, 4: _C_BAD, 5: _C_ZERO, 6: _C_DATA,
-     7: _C_PARTIAL}
+    {
+        0: _C_UNALLOC,
+        1: _C_ZERO,
+        2: _C_ZERO,
+        3: _C_ZERO,
+        4: _C_BAD,
+        5: _C_ZERO,
+        6: _C_DATA,
+        7: _C_PARTIAL,
+    }
 )
 
 DEFAULT_BLOCK = 32 * MiB
@@ -144,14 +152,7 @@ class Vhdx(DiskFormat):
     ) -> tuple[int, int]:
         """Exact: the metadata of an empty image made with these options (made, in a temporary
         directory, by ``create`` itself) plus one payload block per block the data touches."""
-        with tempfile.TemporaryDirectory(prefix="vmferry-measure-") as tmp:
-            f = BlockFile.open(Path(tmp) / "m.vhdx", writable=True, create=True)
-            f.cache_unsafe = True
-            layer = cls.create(f, virtual_size, options, None)
-            try:
-                empty, bs, fixed = f.size, layer.block_size, layer.subformat == "fixed"
-            finally:
-                layer.close()
+        empty, bs, fixed = _empty_layout(virtual_size, tuple(sorted(options.items())))
         if fixed:
             return empty, empty
         blocks = -(-virtual_size // bs)
@@ -1142,3 +1143,17 @@ def _decode_creator(buf: bytes) -> str:
         return raw.decode("utf-16-le").split("\0", 1)[0]
     except UnicodeDecodeError:
         return ""
+
+
+@functools.lru_cache(maxsize=64)
+def _empty_layout(virtual_size: int, options: tuple[tuple[str, str], ...]) -> tuple[int, int, bool]:
+    """(file size, block size, fixed) of an empty image made by ``create`` with these options;
+    cached, since ``du`` measures every image of a folder and most share their settings."""
+    with tempfile.TemporaryDirectory(prefix="vmferry-measure-") as tmp:
+        f = BlockFile.open(Path(tmp) / "m.vhdx", writable=True, create=True)
+        f.cache_unsafe = True
+        layer = Vhdx.create(f, virtual_size, dict(options), None)
+        try:
+            return f.size, layer.block_size, layer.subformat == "fixed"
+        finally:
+            layer.close()

@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""Snapshot-chain tools against qemu-img on the same inputs, in one run (issue 4).
+
+(a) Merge: a child holding --child-size (default 1 GiB) of changed data over a --size
+    (default 4 GiB) base that is half full, for qcow2 and VMDK.  ``vmferry merge CHILD``
+    against ``qemu-img commit CHILD`` (alone, and followed by an fsync of the base, since
+    vmferry's merge returns only once the base is on disk), best of --repeat, each run on a
+    fresh copy of the same inputs.  The inputs are made by qemu-img/qemu-io, so neither tool
+    merges files it wrote itself.  A second vmferry run with a child a quarter that size shows
+    whether time follows the child's allocated data (it should: target <= 1.0x and linear).
+(b) Discovery: ``vmferry chain --json`` and ``vmferry du --json`` on a folder of --images
+    small images (chains of --chain-len, formats mixed), best of --repeat (target < 2 s).
+
+    python3 bench/chain_bench.py [--size 4G] [--child-size 1G] [--repeat 3] [--images 1000]
+    python3 bench/chain_bench.py --size 256M --child-size 64M --repeat 2   # a quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+QEMU_NAME = {"qcow2": "qcow2", "vmdk": "vmdk", "vhdx": "vhdx", "vhd": "vpc", "vdi": "vdi"}
+EXT = {"qcow2": ".qcow2", "vmdk": ".vmdk", "vhdx": ".vhdx", "vhd": ".vhd", "vdi": ".vdi"}
+RUN = 32 << 20  # data is written in runs of this size, one run in every two (half full)
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    return int(text[:-1]) * units[text[-1].upper()] if text[-1].upper() in units else int(text)
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
+    return proc
+
+
+def _vmferry() -> list[str]:
+    """The installed console script itself (not a version manager's shim in front of it)."""
+    script = Path(sysconfig.get_path("scripts")) / "vmferry"
+    return [str(script) if script.exists() else "vmferry"]
+
+
+def qemu_io_writes(fmt: str, path: Path, spans: list[tuple[int, int]], pattern: int) -> None:
+    """Write a byte pattern over ``spans`` with qemu-io (one process, many commands)."""
+    cmd = ["qemu-io", "-f", QEMU_NAME[fmt]]
+    for off, length in spans:
+        pos = off
+        while pos < off + length:
+            n = min(RUN, off + length - pos)
+            cmd += ["-c", f"write -q -P {pattern} {pos} {n}"]
+            pos += n
+    cmd.append(str(path))
+    run(cmd)
+
+
+def make_merge_inputs(work: Path, fmt: str, size: int, child_bytes: int, tag: str) -> Path:
+    """base (half full, random data) + a child with ``child_bytes`` changed, made by qemu."""
+    raw = work / "base-src.raw"
+    if not raw.exists():
+        with open(raw, "wb") as f:
+            f.truncate(size)
+            for off in range(0, size, 2 * RUN):
+                f.seek(off)
+                f.write(os.urandom(min(RUN, size - off)))
+    ext = EXT[fmt]
+    base, child = work / f"{tag}-base{ext}", work / f"{tag}-child{ext}"
+    q = QEMU_NAME[fmt]
+    run(["qemu-img", "convert", "-f", "raw", "-O", q, str(raw), str(base)])
+    run(["qemu-img", "create", "-q", "-f", q, "-b", base.name, "-F", q, str(child)])
+    # the child's data half overlaps the base's: runs every 2 RUN, shifted by RUN / 2
+    spans, left, off = [], child_bytes, RUN // 2
+    while left > 0 and off < size:
+        n = min(RUN, left, size - off)
+        spans.append((off, n))
+        left -= n
+        off += 2 * RUN
+    if left > 0:
+        sys.exit(f"--child-size is larger than half of --size; nothing written for {left} bytes")
+    qemu_io_writes(fmt, child, spans, 0xA5)
+    return child
+
+
+def fresh_copy(child: Path, dest: Path) -> Path:
+    """A copy of base + child in ``dest`` (same names: the child names its base relatively)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir()
+    base = child.with_name(child.name.replace("-child", "-base"))
+    for p in (base, child):
+        run(["cp", "--sparse=always", str(p), str(dest / p.name)])
+    run(["sync"])
+    return dest / child.name
+
+
+def time_merge(tool: str, child: Path, fmt: str, durable: bool) -> float:
+    base = child.with_name(child.name.replace("-child", "-base"))
+    if tool == "qemu-img":
+        cmd = ["qemu-img", "commit", "-q", "-f", QEMU_NAME[fmt], str(child)]
+    else:
+        cmd = [*_vmferry(), "merge", "--no-progress", str(child)]
+    start = time.perf_counter()
+    run(cmd)
+    if durable:
+        run(["sync", str(base)])
+    return time.perf_counter() - start
+
+
+def best_merge(tool: str, child: Path, fmt: str, repeat: int, durable: bool = False) -> float:
+    times = []
+    for _ in range(repeat):
+        copy = fresh_copy(child, child.parent / "run")
+        times.append(time_merge(tool, copy, fmt, durable))
+    shutil.rmtree(child.parent / "run")
+    return min(times)
+
+
+def make_folder(folder: Path, images: int, chain_len: int, formats: list[str]) -> None:
+    """``images`` small images as chains of ``chain_len``, formats taking turns per chain."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    import vmferry
+
+    folder.mkdir(parents=True)
+    for c in range(images // chain_len):
+        fmt = formats[c % len(formats)]
+        sub = folder / f"vm{c:03d}"
+        sub.mkdir()
+        paths = [sub / f"disk{c:03d}-{i:02d}{EXT[fmt]}" for i in range(chain_len)]
+        for i, p in enumerate(paths):
+            disk = vmferry.create(p, fmt, 16 << 20 if i == 0 else None, paths[i - 1] if i else None)
+            with disk:
+                disk.write((i * 1 << 20) % (16 << 20), bytes([i + 1]) * 4096)
+
+
+def best_cli(cmd: list[str], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run(cmd)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--size", default="4G", help="virtual size of the merge base")
+    ap.add_argument("--child-size", default="1G", help="changed data in the merged child")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--formats", default="qcow2,vmdk", help="formats of the merge table")
+    ap.add_argument("--images", type=int, default=1000, help="images in the discovery folder")
+    ap.add_argument("--chain-len", type=int, default=10)
+    ap.add_argument("--folder-formats", default="qcow2,vhdx,vmdk,vhd,vdi")
+    ap.add_argument("--skip-merge", action="store_true")
+    ap.add_argument("--skip-folder", action="store_true")
+    ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
+    args = ap.parse_args()
+    size, child_bytes = parse_size(args.size), parse_size(args.child_size)
+    for tool in ("qemu-img", "qemu-io"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} not found: run scripts/install-deps first")
+    work = Path(args.dir or tempfile.mkdtemp(prefix="vmferry-chain-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    qemu_version = run(["qemu-img", "--version"]).stdout.splitlines()[0]
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}, {qemu_version}"
+    )
+    if not args.skip_merge:
+        print(
+            f"\nmerge: {child_bytes >> 20} MiB changed in the child, base {size >> 20} MiB "
+            f"virtual and half full; best of {args.repeat}\n"
+        )
+        print(
+            "| format | qemu-img commit s | + fsync s | vmferry merge s | ratio | "
+            "vmferry, child / 4 s | time per GiB: full / quarter |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        worst = 0.0
+        for fmt in args.formats.split(","):
+            full = make_merge_inputs(work, fmt, size, child_bytes, f"{fmt}-full")
+            quarter = make_merge_inputs(work, fmt, size, child_bytes // 4, f"{fmt}-quarter")
+            q = best_merge("qemu-img", full, fmt, args.repeat)
+            qs = best_merge("qemu-img", full, fmt, args.repeat, durable=True)
+            v = best_merge("vmferry", full, fmt, args.repeat)
+            v4 = best_merge("vmferry", quarter, fmt, args.repeat)
+            worst = max(worst, v / qs)
+            gib = child_bytes / (1 << 30)
+            print(
+                f"| {fmt} | {q:.2f} | {qs:.2f} | {v:.2f} | {v / qs:.2f} | {v4:.2f} | "
+                f"{v / gib:.2f} / {v4 / (gib / 4):.2f} |",
+                flush=True,
+            )
+        print(f"\nworst ratio against qemu-img commit + fsync: {worst:.2f} (target <= 1.0)")
+    if not args.skip_folder:
+        folder = work / "folder"
+        if folder.exists():
+            shutil.rmtree(folder)
+        start = time.perf_counter()
+        make_folder(folder, args.images, args.chain_len, args.folder_formats.split(","))
+        made = time.perf_counter() - start
+        count = sum(1 for _ in folder.rglob("*") if _.is_file())
+        print(
+            f"\nfolder: {count} images in chains of {args.chain_len} "
+            f"({args.folder_formats}), made in {made:.1f} s; best of {args.repeat}\n"
+        )
+        print("| command | s | target |")
+        print("|---|---|---|")
+        for sub in ("chain", "du"):
+            t = best_cli([*_vmferry(), sub, "--json", str(folder)], args.repeat)
+            print(f"| vmferry {sub} --json | {t:.2f} | < 2 s |", flush=True)
+    if not args.dir:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
