@@ -82,9 +82,7 @@ def _assert_grown(p: dict[str, Path], fmt: str, old: dict[str, bytes]) -> None:
             assert oracle_read(p[leaf], NEW) == expected, leaf
     if fmt == "qcow2":
         for path in p.values():
-            assert json.loads(qemu_img("info", "--output=json", path).stdout)[
-                "virtual-size"
-            ] == NEW
+            assert json.loads(qemu_img("info", "--output=json", path).stdout)["virtual-size"] == NEW
             assert qemu_img("check", path, check=False).returncode == 0
     if fmt in ("vhd", "vhdx", "vdi"):  # qemu reads these bases (not their children)
         info = json.loads(qemu_img("info", "-f", QEMU[fmt][0], "--output=json", p["base"]).stdout)

@@ -102,9 +102,7 @@ def test_two_snapshots_named_and_stacked(tmp_path: Path, fmt: str) -> None:
         assert [Path(layer.file.path) for layer in chain.layers] == [second, first, base]
         assert chain.read(0, SIZE) == model
     if fmt in ("qcow2", "vmdk"):
-        info = json.loads(
-            qemu_img("info", "--backing-chain", "--output=json", second).stdout
-        )
+        info = json.loads(qemu_img("info", "--backing-chain", "--output=json", second).stdout)
         assert [Path(i["filename"]).name for i in info] == [second.name, first.name, base.name]
     if fmt != "vdi":
         assert oracle_read(second, SIZE) == model
