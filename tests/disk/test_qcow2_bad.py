@@ -95,8 +95,12 @@ def _ext_overrun(raw: bytearray, b: Base) -> None:
 
 
 CASES: list[tuple[str, Mutation, type[FormatError], str]] = [
-    ("bad magic", poke(lambda r, b: r.__setitem__(slice(0, 4), b"QFI\x00")), NotThisFormatError,
-     "magic"),
+    (
+        "bad magic",
+        poke(lambda r, b: r.__setitem__(slice(0, 4), b"QFI\x00")),
+        NotThisFormatError,
+        "magic",
+    ),
     ("cut in v2 header", cut(lambda b: 50), TruncatedImageError, "header"),
     ("cut in v3 header", cut(lambda b: 90), TruncatedImageError, "v3 header"),
     ("cut before refcount table", cut(lambda b: b.rt + 8), TruncatedImageError, "table"),
@@ -107,56 +111,135 @@ CASES: list[tuple[str, Mutation, type[FormatError], str]] = [
     ("version 4", poke(lambda r, b: u32(r, 4, 4)), UnsupportedFeatureError, "version 4"),
     ("cluster_bits 8", poke(lambda r, b: u32(r, 20, 8)), CorruptImageError, "cluster_bits"),
     ("cluster_bits 22", poke(lambda r, b: u32(r, 20, 22)), CorruptImageError, "cluster_bits"),
-    ("cluster_bits huge", poke(lambda r, b: u32(r, 20, 0xFFFFFFFF)), CorruptImageError,
-     "cluster_bits"),
+    (
+        "cluster_bits huge",
+        poke(lambda r, b: u32(r, 20, 0xFFFFFFFF)),
+        CorruptImageError,
+        "cluster_bits",
+    ),
     ("encrypted", poke(lambda r, b: u32(r, 32, 2)), UnsupportedFeatureError, "encrypt"),
     ("virtual size absurd", poke(lambda r, b: u64(r, 24, 1 << 63)), ResourceLimitError, "size"),
-    ("L1 too small for size", poke(lambda r, b: u64(r, 24, 1 << 40)), CorruptImageError,
-     "too small"),
+    (
+        "L1 too small for size",
+        poke(lambda r, b: u64(r, 24, 1 << 40)),
+        CorruptImageError,
+        "too small",
+    ),
     ("L1 size absurd", poke(lambda r, b: u32(r, 36, 0xFFFFFFFF)), ResourceLimitError, "L1"),
     ("L1 offset past EOF", poke(lambda r, b: u64(r, 40, 1 << 40)), TruncatedImageError, "L1"),
-    ("L1 offset unaligned", poke(lambda r, b: u64(r, 40, b.l1 + 512)), CorruptImageError,
-     "aligned"),
-    ("refcount table past EOF", poke(lambda r, b: u64(r, 48, 1 << 45)), TruncatedImageError,
-     "refcount table"),
-    ("refcount table absurd", poke(lambda r, b: u32(r, 56, 0xFFFFFFFF)), ResourceLimitError,
-     "refcount table"),
+    (
+        "L1 offset unaligned",
+        poke(lambda r, b: u64(r, 40, b.l1 + 512)),
+        CorruptImageError,
+        "aligned",
+    ),
+    (
+        "refcount table past EOF",
+        poke(lambda r, b: u64(r, 48, 1 << 45)),
+        TruncatedImageError,
+        "refcount table",
+    ),
+    (
+        "refcount table absurd",
+        poke(lambda r, b: u32(r, 56, 0xFFFFFFFF)),
+        ResourceLimitError,
+        "refcount table",
+    ),
     ("no refcount table", poke(lambda r, b: u32(r, 56, 0)), CorruptImageError, "refcount"),
-    ("snapshots absurd", poke(lambda r, b: u32(r, 60, 0xFFFFFFFF)), ResourceLimitError,
-     "snapshots"),
-    ("snapshot table past EOF", poke(lambda r, b: (u32(r, 60, 1), u64(r, 64, 1 << 40))),
-     TruncatedImageError, "snapshot"),
-    ("unknown incompatible bit", poke(lambda r, b: u64(r, 72, 1 << 20)),
-     UnsupportedFeatureError, "bit 20"),
-    ("unknown bit named by table", poke(_feature_renamed), UnsupportedFeatureError,
-     "dirty bit \\(bit 10\\)"),
+    (
+        "snapshots absurd",
+        poke(lambda r, b: u32(r, 60, 0xFFFFFFFF)),
+        ResourceLimitError,
+        "snapshots",
+    ),
+    (
+        "snapshot table past EOF",
+        poke(lambda r, b: (u32(r, 60, 1), u64(r, 64, 1 << 40))),
+        TruncatedImageError,
+        "snapshot",
+    ),
+    (
+        "unknown incompatible bit",
+        poke(lambda r, b: u64(r, 72, 1 << 20)),
+        UnsupportedFeatureError,
+        "bit 20",
+    ),
+    (
+        "unknown bit named by table",
+        poke(_feature_renamed),
+        UnsupportedFeatureError,
+        "dirty bit \\(bit 10\\)",
+    ),
     ("refcount_order 7", poke(lambda r, b: u32(r, 96, 7)), CorruptImageError, "refcount_order"),
-    ("header_length odd", poke(lambda r, b: u32(r, 100, 107)), CorruptImageError,
-     "header_length"),
-    ("header_length huge", poke(lambda r, b: u32(r, 100, 1 << 20)), CorruptImageError,
-     "header_length"),
-    ("compression bit without type", poke(lambda r, b: u64(r, 72, 1 << 3)), CorruptImageError,
-     "compression"),
-    ("unknown compression type", poke(lambda r, b: (u64(r, 72, 1 << 3), r.__setitem__(104, 9))),
-     UnsupportedFeatureError, "compression type 9"),
+    ("header_length odd", poke(lambda r, b: u32(r, 100, 107)), CorruptImageError, "header_length"),
+    (
+        "header_length huge",
+        poke(lambda r, b: u32(r, 100, 1 << 20)),
+        CorruptImageError,
+        "header_length",
+    ),
+    (
+        "compression bit without type",
+        poke(lambda r, b: u64(r, 72, 1 << 3)),
+        CorruptImageError,
+        "compression",
+    ),
+    (
+        "unknown compression type",
+        poke(lambda r, b: (u64(r, 72, 1 << 3), r.__setitem__(104, 9))),
+        UnsupportedFeatureError,
+        "compression type 9",
+    ),
     ("extension overruns header", poke(_ext_overrun), CorruptImageError, "overruns"),
-    ("backing name too long", poke(lambda r, b: (u64(r, 8, 4096), u32(r, 16, 5000))),
-     CorruptImageError, "1023"),
-    ("backing name outside cluster", poke(lambda r, b: (u64(r, 8, 65000), u32(r, 16, 1000))),
-     CorruptImageError, "outside"),
-    ("L1 entry past EOF", poke(lambda r, b: u64(r, b.l1, (1 << 40) | 1 << 63)),
-     TruncatedImageError, "L2"),
-    ("L1 entry unaligned", poke(lambda r, b: u64(r, b.l1, (b.l2 + 512) | 1 << 63)),
-     CorruptImageError, "aligned"),
-    ("L2 entry past EOF", poke(lambda r, b: u64(r, b.l2, (1 << 45) | 1 << 63)),
-     CorruptImageError, "past the end"),
-    ("L2 entry unaligned", poke(lambda r, b: u64(r, b.l2, (b.data + 4096) | 1 << 63)),
-     CorruptImageError, "unaligned"),
+    (
+        "backing name too long",
+        poke(lambda r, b: (u64(r, 8, 4096), u32(r, 16, 5000))),
+        CorruptImageError,
+        "1023",
+    ),
+    (
+        "backing name outside cluster",
+        poke(lambda r, b: (u64(r, 8, 65000), u32(r, 16, 1000))),
+        CorruptImageError,
+        "outside",
+    ),
+    (
+        "L1 entry past EOF",
+        poke(lambda r, b: u64(r, b.l1, (1 << 40) | 1 << 63)),
+        TruncatedImageError,
+        "L2",
+    ),
+    (
+        "L1 entry unaligned",
+        poke(lambda r, b: u64(r, b.l1, (b.l2 + 512) | 1 << 63)),
+        CorruptImageError,
+        "aligned",
+    ),
+    (
+        "L2 entry past EOF",
+        poke(lambda r, b: u64(r, b.l2, (1 << 45) | 1 << 63)),
+        CorruptImageError,
+        "past the end",
+    ),
+    (
+        "L2 entry unaligned",
+        poke(lambda r, b: u64(r, b.l2, (b.data + 4096) | 1 << 63)),
+        CorruptImageError,
+        "unaligned",
+    ),
     ("L2 entry points at itself", poke(lambda r, b: u64(r, b.l2, b.l2 | 1 << 63)), None, ""),
-    ("compressed entry past EOF", poke(lambda r, b: u64(r, b.l2, 1 << 62 | (1 << 44))),
-     CorruptImageError, "past the end"),
-    ("compressed entry garbage", poke(lambda r, b: u64(r, b.l2, 1 << 62 | (255 << 54) | 512)),
-     CorruptImageError, "compressed cluster"),
+    (
+        "compressed entry past EOF",
+        poke(lambda r, b: u64(r, b.l2, 1 << 62 | (1 << 44))),
+        CorruptImageError,
+        "past the end",
+    ),
+    (
+        "compressed entry garbage",
+        poke(lambda r, b: u64(r, b.l2, 1 << 62 | (255 << 54) | 512)),
+        CorruptImageError,
+        "compressed cluster",
+    ),
 ]
 
 
@@ -232,8 +315,11 @@ def test_decompression_bomb(tmp_path: Path, inflated: int) -> None:
     coff, _ = layer._compressed_range(e)
     layer.close()
     c = zlib.compressobj(9, zlib.DEFLATED, -12)
-    bomb = b"".join(c.compress(bytes(MiB)) for _ in range(inflated // MiB)) if inflated > MiB \
+    bomb = (
+        b"".join(c.compress(bytes(MiB)) for _ in range(inflated // MiB))
+        if inflated > MiB
         else c.compress(bytes(inflated))
+    )
     bomb += c.flush()
     assert len(bomb) < 120_000
     raw[coff : coff + len(bomb)] = bomb

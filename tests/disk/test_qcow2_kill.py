@@ -59,7 +59,9 @@ def new(c: int, ops_by_cluster: dict) -> bytes:
     return pattern(c, 2) if ops_by_cluster[c] == "write" else bytes(CS)
 '''
 
-CHILD = PLAN + r'''
+CHILD = (
+    PLAN
+    + r"""
 import sys
 import vmferry
 
@@ -72,7 +74,8 @@ with vmferry.open(path, "qcow2", writable=True) as disk:
         else:
             disk.write_zeroes(first * CS, n * CS)
 print("done", flush=True)
-'''
+"""
+)
 
 
 def _namespace() -> dict:

@@ -211,8 +211,14 @@ def test_reads_qemu_made_images(tmp_path: Path, compat: str, cluster_size: str) 
     img = tmp_path / "q.qcow2"
     size = 24 * MiB
     qemu_img(
-        "create", "-q", "-f", "qcow2", "-o", f"compat={compat},cluster_size={cluster_size}",
-        str(img), str(size),
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        f"compat={compat},cluster_size={cluster_size}",
+        str(img),
+        str(size),
     )
     qemu_io_random_writes(img, size, seed=int(cluster_size.rstrip("M")) + len(compat))
     # whole-cluster zero writes over data make v3 zero clusters (v2: deallocation)
@@ -239,8 +245,16 @@ def test_reads_qemu_compressed(tmp_path: Path, ctype: str) -> None:
     src.write_bytes(bytes(data))
     img = tmp_path / "c.qcow2"
     qemu_img(
-        "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", f"compression_type={ctype}",
-        str(src), str(img),
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        f"compression_type={ctype}",
+        str(src),
+        str(img),
     )
     with vmferry.open(img) as disk:
         assert disk.info()["compression_type"] == ctype
@@ -253,11 +267,19 @@ def test_reads_qemu_compressed(tmp_path: Path, ctype: str) -> None:
 def test_reads_extended_l2(tmp_path: Path) -> None:
     img = tmp_path / "x.qcow2"
     size = 8 * MiB
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=64K", str(img),
-             str(size))
+    qemu_img(
+        "create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=64K", str(img), str(size)
+    )
     # 2 KiB subclusters: partial writes allocate some, -z marks some zero
-    qemu_io("qcow2", img, "write -P 0x11 0 2k", "write -P 0x22 6k 4k", "write -P 0x33 1M 100k",
-            "write -z 1040k 8k", "write -P 0x44 5000k 1k")
+    qemu_io(
+        "qcow2",
+        img,
+        "write -P 0x11 0 2k",
+        "write -P 0x22 6k 4k",
+        "write -P 0x33 1M 100k",
+        "write -z 1040k 8k",
+        "write -P 0x44 5000k 1k",
+    )
     with vmferry.open(img) as disk:
         assert disk.info()["extended_l2"] is True
         assert disk.top.granularity == 2048

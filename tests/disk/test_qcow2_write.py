@@ -319,8 +319,18 @@ def test_dirty_image_refcounts_rebuilt_on_writable_open(tmp_path: Path) -> None:
     img = tmp_path / "lazy.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", str(img), str(16 * MiB))
     proc = subprocess.run(
-        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 1M", "-c", "write -P 0x22 5M 300k",
-         "-c", "sigraise 9", str(img)],
+        [
+            "qemu-io",
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x11 0 1M",
+            "-c",
+            "write -P 0x22 5M 300k",
+            "-c",
+            "sigraise 9",
+            str(img),
+        ],
         capture_output=True,
     )
     assert proc.returncode != 0  # killed, as intended

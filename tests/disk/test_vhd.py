@@ -69,12 +69,15 @@ def test_reads_qemu_images_byte_identical(tmp_path: Path, subformat: str) -> Non
     qemu_img("create", "-f", "vpc", "-o", f"subformat={subformat}", img, "24M")
     rng = random.Random(7)
     size = qemu_img_info(img, "vpc")["virtual-size"]
-    cmds = [f"write -P 0x{rng.randrange(1, 256):02x} {o} {n}" for o, n in (
-        (1000, 5000),  # unaligned
-        (2 * MiB - 700, 4000),  # crosses a block boundary
-        (size - 513, 513),  # the last bytes
-        *((rng.randrange(size - 70000), rng.randint(1, 70000)) for _ in range(8)),
-    )]
+    cmds = [
+        f"write -P 0x{rng.randrange(1, 256):02x} {o} {n}"
+        for o, n in (
+            (1000, 5000),  # unaligned
+            (2 * MiB - 700, 4000),  # crosses a block boundary
+            (size - 513, 513),  # the last bytes
+            *((rng.randrange(size - 70000), rng.randint(1, 70000)) for _ in range(8)),
+        )
+    ]
     qemu_io("vpc", img, *cmds)
     raw = tmp_path / "q.raw"
     qemu_img("convert", "-f", "vpc", "-O", "raw", img, raw)
@@ -627,7 +630,9 @@ def test_corpus_libvhdi_fragments(corpus: Path) -> None:
     assert ok and footer.cookie == b"conectix"
     assert (footer.features, footer.version, footer.data_offset) == (2, 0x10000, 0x200)
     assert (footer.creator_app, footer.creator_version, footer.creator_os) == (
-        b"vpc ", 0x10000, b"Wi2k"
+        b"vpc ",
+        0x10000,
+        b"Wi2k",
     )
     assert footer.original_size == footer.current_size == 536870912
     assert (footer.cylinders, footer.heads, footer.sectors_per_track) == (1040, 16, 63)
@@ -639,7 +644,9 @@ def test_corpus_libvhdi_fragments(corpus: Path) -> None:
     header, ok = parse_header(raw)
     assert ok and header.cookie == b"cxsparse"
     assert (header.table_offset, header.max_table_entries, header.block_size) == (
-        0x600, 256, 2 * MiB
+        0x600,
+        256,
+        2 * MiB,
     )
     assert str(uuid.UUID(bytes=header.parent_uuid)) == "d49c5c80-350a-4a89-898a-5ad6d10f6578"
     from vmferry.disk.vhd import decode_parent_name
@@ -679,25 +686,31 @@ BAD_INPUTS = {
     "header bad checksum": (lambda d: d[:548] + b"\1\2\3\4" + d[552:], "CorruptImageError"),
     "header cookie": (lambda d: d[:512] + b"cxsparsX" + d[520:], "CorruptImageError"),
     "block size not power of two": (
-        lambda d: _with_header(d, block_size=3000), "CorruptImageError"
+        lambda d: _with_header(d, block_size=3000),
+        "CorruptImageError",
     ),
     "block size huge": (lambda d: _with_header(d, block_size=1 << 31), "ResourceLimitError"),
     "unknown disk type": (lambda d: _with_footer(d, disk_type=7), "UnsupportedFeatureError"),
     "header offset past EOF": (
-        lambda d: _with_footer(d, data_offset=1 << 40), "TruncatedImageError"
+        lambda d: _with_footer(d, data_offset=1 << 40),
+        "TruncatedImageError",
     ),
     "BAT offset past EOF": (lambda d: _with_header(d, table_offset=1 << 40), "TruncatedImageError"),
     "max table entries absurd": (
-        lambda d: _with_header(d, max_table_entries=0x7FFFFFFF), "ResourceLimitError"
+        lambda d: _with_header(d, max_table_entries=0x7FFFFFFF),
+        "ResourceLimitError",
     ),
     "max table entries too small": (
-        lambda d: _with_header(d, max_table_entries=1), "CorruptImageError"
+        lambda d: _with_header(d, max_table_entries=1),
+        "CorruptImageError",
     ),
     "BAT entry past EOF": (
-        lambda d: d[:1536] + b"\x00\xff\xff\x00" + d[1540:], "TruncatedImageError"
+        lambda d: d[:1536] + b"\x00\xff\xff\x00" + d[1540:],
+        "TruncatedImageError",
     ),
     "size beyond the VHD maximum": (
-        lambda d: _with_footer(d, current_size=1 << 45), "CorruptImageError"
+        lambda d: _with_footer(d, current_size=1 << 45),
+        "CorruptImageError",
     ),
 }
 
@@ -718,8 +731,20 @@ def test_truncation_at_every_structure_boundary(tmp_path: Path) -> None:
     seed = _small_dynamic(tmp_path)
     header, _ = parse_header(seed[512:1536])
     block0 = int.from_bytes(seed[header.table_offset : header.table_offset + 4], "big") * 512
-    cuts = [0, 100, 511, 512, 700, 1536, header.table_offset + 2, block0, block0 + 512,
-            block0 + MiB, len(seed) - 512, len(seed) - 1]
+    cuts = [
+        0,
+        100,
+        511,
+        512,
+        700,
+        1536,
+        header.table_offset + 2,
+        block0,
+        block0 + 512,
+        block0 + MiB,
+        len(seed) - 512,
+        len(seed) - 1,
+    ]
     for cut in cuts:
         img = tmp_path / f"t{cut}.vhd"
         img.write_bytes(seed[:cut])
@@ -807,8 +832,13 @@ def test_windows_relative_locator_with_subdirectory(tmp_path: Path) -> None:
     base, child = _make_pair(tmp_path / "w")
     (tmp_path / "w" / "sub").mkdir()
     shutil.move(base, tmp_path / "w" / "sub" / "base.vhd")
-    _rewrite_locators(child, [(b"W2ru", ".\\sub\\base.vhd".encode("utf-16-le")),
-                              (b"W2ku", "D:\\VMs\\sub\\base.vhd".encode("utf-16-le"))])
+    _rewrite_locators(
+        child,
+        [
+            (b"W2ru", ".\\sub\\base.vhd".encode("utf-16-le")),
+            (b"W2ku", "D:\\VMs\\sub\\base.vhd".encode("utf-16-le")),
+        ],
+    )
     ref = _layer(child).parent_ref()
     assert ref.hints[:2] == ("sub/base.vhd", "D:\\VMs\\sub\\base.vhd")
     with vmferry.open(child) as disk:

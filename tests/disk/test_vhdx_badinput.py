@@ -73,8 +73,13 @@ def _md_entry(buf: bytearray, index: int, **fields: int | bytes) -> None:
     base = META + 32 + 32 * index
     g, off, length, flags = struct.unpack_from("<16sIII", buf, base)
     struct.pack_into(
-        "<16sIII", buf, base, fields.get("guid", g), fields.get("offset", off),
-        fields.get("length", length), fields.get("flags", flags),
+        "<16sIII",
+        buf,
+        base,
+        fields.get("guid", g),
+        fields.get("offset", off),
+        fields.get("length", length),
+        fields.get("flags", flags),
     )
 
 
@@ -100,36 +105,65 @@ UNKNOWN = guid("11111111-2222-3333-4444-555555555555").bytes_le
 # 1 virtual size, 2 page83, 3 logical sector, 4 physical sector.
 MUTATIONS: list[tuple[str, Mutation, type[VmferryError]]] = [
     ("no-signature", lambda b: b.__setitem__(slice(0, 8), b"notvhdx!"), NotThisFormatError),
-    ("both-headers-bad-crc", lambda b: (_flip(64 * 1024 + 200)(b), _flip(128 * 1024 + 200)(b)),
-     CorruptImageError),
+    (
+        "both-headers-bad-crc",
+        lambda b: (_flip(64 * 1024 + 200)(b), _flip(128 * 1024 + 200)(b)),
+        CorruptImageError,
+    ),
     ("header-version-2", lambda b: _headers(b, version=2), UnsupportedFeatureError),
     ("log-version-1", lambda b: _headers(b, log_version=1), UnsupportedFeatureError),
     ("log-unaligned", lambda b: _headers(b, log_offset=MiB + 512), CorruptImageError),
-    ("log-huge", lambda b: _headers(b, log_guid=b"\x01" * 16, log_length=0xFFF00000),
-     ResourceLimitError),
-    ("log-past-eof", lambda b: _headers(b, log_guid=b"\x01" * 16, log_offset=1 << 40),
-     TruncatedImageError),
-    ("both-region-tables-bad", lambda b: (_flip(192 * 1024 + 40)(b), _flip(256 * 1024 + 40)(b)),
-     CorruptImageError),
-    ("region-count-huge", lambda b: _regions(b, lambda t: struct.pack_into("<I", t, 8, 5000)),
-     CorruptImageError),
-    ("unknown-required-region", lambda b: _region_entry(b, 1, guid=UNKNOWN, required=1),
-     UnsupportedFeatureError),
+    (
+        "log-huge",
+        lambda b: _headers(b, log_guid=b"\x01" * 16, log_length=0xFFF00000),
+        ResourceLimitError,
+    ),
+    (
+        "log-past-eof",
+        lambda b: _headers(b, log_guid=b"\x01" * 16, log_offset=1 << 40),
+        TruncatedImageError,
+    ),
+    (
+        "both-region-tables-bad",
+        lambda b: (_flip(192 * 1024 + 40)(b), _flip(256 * 1024 + 40)(b)),
+        CorruptImageError,
+    ),
+    (
+        "region-count-huge",
+        lambda b: _regions(b, lambda t: struct.pack_into("<I", t, 8, 5000)),
+        CorruptImageError,
+    ),
+    (
+        "unknown-required-region",
+        lambda b: _region_entry(b, 1, guid=UNKNOWN, required=1),
+        UnsupportedFeatureError,
+    ),
     ("bat-region-past-eof", lambda b: _region_entry(b, 0, offset=1 << 40), TruncatedImageError),
-    ("metadata-region-past-eof", lambda b: _region_entry(b, 1, offset=1 << 40),
-     TruncatedImageError),
+    (
+        "metadata-region-past-eof",
+        lambda b: _region_entry(b, 1, offset=1 << 40),
+        TruncatedImageError,
+    ),
     ("regions-overlap", lambda b: _region_entry(b, 0, offset=META), CorruptImageError),
     ("region-in-headers", lambda b: _region_entry(b, 0, offset=0), CorruptImageError),
     ("region-over-log", lambda b: _region_entry(b, 0, offset=MiB), CorruptImageError),
     ("bat-region-too-small", lambda b: _region_entry(b, 0, length=0), CorruptImageError),
-    ("metadata-bad-signature", lambda b: b.__setitem__(slice(META, META + 8), b"garbage!"),
-     CorruptImageError),
-    ("metadata-count-huge", lambda b: struct.pack_into("<H", b, META + 10, 0xFFFF),
-     CorruptImageError),
-    ("metadata-unknown-required", lambda b: _md_entry(b, 4, guid=UNKNOWN, flags=4),
-     UnsupportedFeatureError),
-    ("metadata-missing-item", lambda b: _md_entry(b, 1, guid=UNKNOWN, flags=0),
-     CorruptImageError),
+    (
+        "metadata-bad-signature",
+        lambda b: b.__setitem__(slice(META, META + 8), b"garbage!"),
+        CorruptImageError,
+    ),
+    (
+        "metadata-count-huge",
+        lambda b: struct.pack_into("<H", b, META + 10, 0xFFFF),
+        CorruptImageError,
+    ),
+    (
+        "metadata-unknown-required",
+        lambda b: _md_entry(b, 4, guid=UNKNOWN, flags=4),
+        UnsupportedFeatureError,
+    ),
+    ("metadata-missing-item", lambda b: _md_entry(b, 1, guid=UNKNOWN, flags=0), CorruptImageError),
     ("metadata-item-past-region", lambda b: _md_entry(b, 1, offset=MiB - 4), CorruptImageError),
     ("metadata-item-in-table", lambda b: _md_entry(b, 1, offset=16), CorruptImageError),
     ("metadata-item-short", lambda b: _md_entry(b, 0, length=4), CorruptImageError),
@@ -140,9 +174,16 @@ MUTATIONS: list[tuple[str, Mutation, type[VmferryError]]] = [
     ("virtual-size-odd", lambda b: _md_value(b, 1, "<Q", 8 * MiB + 1), CorruptImageError),
     ("logical-sector-1024", lambda b: _md_value(b, 3, "<I", 1024), CorruptImageError),
     ("physical-sector-7", lambda b: _md_value(b, 4, "<I", 7), CorruptImageError),
-    ("has-parent-without-locator", lambda b: _md_value(b, 0, "<I", MiB) or struct.pack_into(
-        "<I", b, META + struct.unpack_from("<I", b, META + 32 + 16)[0] + 4, 2),
-     CorruptImageError),
+    (
+        "has-parent-without-locator",
+        lambda b: (
+            _md_value(b, 0, "<I", MiB)
+            or struct.pack_into(
+                "<I", b, META + struct.unpack_from("<I", b, META + 32 + 16)[0] + 4, 2
+            )
+        ),
+        CorruptImageError,
+    ),
     ("bat-reserved-state", lambda b: _bat(b, 1, 4), CorruptImageError),
     ("bat-into-headers", lambda b: _bat(b, 1, 6), CorruptImageError),
     ("bat-past-eof", lambda b: _bat(b, 1, (1 << 40) | 6), TruncatedImageError),
@@ -212,8 +253,23 @@ def test_unknown_optional_region_and_item_are_ignored(tmp_path: Path, pristine: 
 
 @pytest.mark.parametrize(
     "cut",
-    [0, 8, 520, 64 * 1024, 64 * 1024 + 2048, 128 * 1024, 192 * 1024, 256 * 1024 + 100, MiB,
-     META, META + 30000, BAT, BAT + 100, 4 * MiB, 4 * MiB + 1000],
+    [
+        0,
+        8,
+        520,
+        64 * 1024,
+        64 * 1024 + 2048,
+        128 * 1024,
+        192 * 1024,
+        256 * 1024 + 100,
+        MiB,
+        META,
+        META + 30000,
+        BAT,
+        BAT + 100,
+        4 * MiB,
+        4 * MiB + 1000,
+    ],
 )
 def test_truncated_at_every_boundary(tmp_path: Path, pristine: bytes, cut: int) -> None:
     img = tmp_path / "t.vhdx"

@@ -57,14 +57,20 @@ def test_dirty_log_replayed_on_disk_when_writable(corpus: Path, tmp_path: Path) 
     out = qemu_img("check", "-f", "vhdx", img, check=False)
     assert "needs to be replayed" in out.stderr  # qemu refuses read-only: the log is dirty
     with closing(open_layer(img, "vhdx")) as ro:
-        expected = [(e.offset, e.length, ro.read(e.offset, e.length)) for e in ro.extents()
-                    if e.alloc is Alloc.DATA]
+        expected = [
+            (e.offset, e.length, ro.read(e.offset, e.length))
+            for e in ro.extents()
+            if e.alloc is Alloc.DATA
+        ]
     with closing(open_layer(img, "vhdx", writable=True)) as layer:
         assert layer.info()["log"].startswith("replayed on open")
     with closing(open_layer(img, "vhdx")) as layer:
         assert layer.info()["log"] == "empty"
-        got = [(e.offset, e.length, layer.read(e.offset, e.length)) for e in layer.extents()
-               if e.alloc is Alloc.DATA]
+        got = [
+            (e.offset, e.length, layer.read(e.offset, e.length))
+            for e in layer.extents()
+            if e.alloc is Alloc.DATA
+        ]
         assert got == expected
     out = qemu_img("check", "-f", "vhdx", img, check=False)
     assert out.returncode == 0 and "No errors" in out.stdout, out.stdout + out.stderr
@@ -86,12 +92,16 @@ def _dirty_image(tmp_path: Path, *, at_end: bool = False) -> tuple[Path, bytes]:
     h = layer.header
     pos = h.log_length - 4096 if at_end else 0  # at_end: the entry wraps around the log
     entry = vlog.build_entry(
-        sorted(sectors.items()), sequence=5, tail=pos, log_guid=h.log_guid,
-        flushed_file_offset=layer.file.size, last_file_offset=layer.file.size,
+        sorted(sectors.items()),
+        sequence=5,
+        tail=pos,
+        log_guid=h.log_guid,
+        flushed_file_offset=layer.file.size,
+        last_file_offset=layer.file.size,
     )
     first = entry[: h.log_length - pos]
     layer.file.write(h.log_offset + pos, first)
-    layer.file.write(h.log_offset, entry[len(first):])
+    layer.file.write(h.log_offset, entry[len(first) :])
     layer.file.fsync()
     layer.file.close()  # a crash: no apply, no log reset
     return img, pattern
@@ -142,8 +152,12 @@ def test_active_sequence_rules() -> None:
 
     def entry(seq: int, tail: int, fill: int, off: int = 0x300000) -> bytes:
         return vlog.build_entry(
-            [(off, bytes([fill]) * 4096)], sequence=seq, tail=tail, log_guid=guid,
-            flushed_file_offset=0, last_file_offset=0,
+            [(off, bytes([fill]) * 4096)],
+            sequence=seq,
+            tail=tail,
+            log_guid=guid,
+            flushed_file_offset=0,
+            last_file_offset=0,
         )
 
     buf = bytearray(length)
@@ -235,7 +249,9 @@ def test_sigkill_during_writes_leaves_old_or_new(
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     proc = subprocess.Popen(
         [sys.executable, str(script), str(img), str(seed), str(nblocks), str(bs), str(threshold)],
-        stdout=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     rng = random.Random(seed * 101 + differencing)
     stop_after = rng.randrange(0, nblocks)

@@ -70,8 +70,13 @@ def test_qemu_written_images_read_identically(
 ) -> None:
     img = tmp_path / "q.vhdx"
     qemu_img(
-        "create", "-f", "vhdx", "-o", f"subformat={subformat},block_size={block_size}",
-        img, str(size),
+        "create",
+        "-f",
+        "vhdx",
+        "-o",
+        f"subformat={subformat},block_size={block_size}",
+        img,
+        str(size),
     )
     rng = random.Random(f"{subformat}{block_size}")
     cmds = []
@@ -147,7 +152,12 @@ def test_corpus_disk2vhd(corpus: Path, ground_truth: dict, tmp_path: Path) -> No
     ],
 )
 def test_corpus_dissect_fixed_dynamic(
-    corpus: Path, ground_truth: dict, tmp_path: Path, name: str, block_size: int, ratio: int,
+    corpus: Path,
+    ground_truth: dict,
+    tmp_path: Path,
+    name: str,
+    block_size: int,
+    ratio: int,
     disk_id: str,
 ) -> None:
     key = f"dissect.hypervisor/disk/vhdx/{name}.vhdx.gz"

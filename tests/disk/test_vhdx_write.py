@@ -255,9 +255,10 @@ def test_set_parent_after_move(tmp_path: Path) -> None:
     shutil.move(base, moved)
     with pytest.raises(ParentNotFoundError):
         vmferry.open(child)
-    with closing(open_layer(moved)) as parent_layer, closing(
-        open_layer(child, writable=True)
-    ) as layer:
+    with (
+        closing(open_layer(moved)) as parent_layer,
+        closing(open_layer(child, writable=True)) as layer,
+    ):
         layer.set_parent(
             ParentInfo(
                 layer=parent_layer,

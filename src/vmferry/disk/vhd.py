@@ -362,12 +362,11 @@ class Vhd(DiskFormat):
                 hint="the image is damaged; vmferry check says where",
             )
         else:
-            raise NotThisFormatError("no VHD footer (\"conectix\") found", path=str(f.path))
+            raise NotThisFormatError('no VHD footer ("conectix") found', path=str(f.path))
         self.disk_type = self.footer.disk_type
         if self.disk_type not in _TYPE_NAMES:
             raise UnsupportedFeatureError(
-                f"VHD disk type {self.disk_type} is not fixed (2), dynamic (3) or "
-                "differencing (4)",
+                f"VHD disk type {self.disk_type} is not fixed (2), dynamic (3) or differencing (4)",
                 path=str(f.path),
                 features=[f"disk type {self.disk_type}"],
             )
@@ -414,7 +413,7 @@ class Vhd(DiskFormat):
         buf = f.read_exact(data_offset, avail, "VHD dynamic header").ljust(HEADER_SIZE, b"\0")
         if buf[:8] != DYN_COOKIE:
             raise CorruptImageError(
-                "dynamic header has no \"cxsparse\" cookie", path=path, offset=data_offset
+                'dynamic header has no "cxsparse" cookie', path=path, offset=data_offset
             )
         header, ok = parse_header(buf)
         bs = header.block_size
@@ -933,9 +932,7 @@ class Vhd(DiskFormat):
         per_block = _round_up(_round_up(bs // SECTOR, 8) // 8, SECTOR) + bs
         blocks = -(-size // bs)
         overhead = FOOTER_SIZE + HEADER_SIZE + _round_up(4 * blocks, SECTOR) + FOOTER_SIZE
-        touched = {
-            b for off, n in data_ranges for b in range(off // bs, -(-(off + n) // bs))
-        }
+        touched = {b for off, n in data_ranges for b in range(off // bs, -(-(off + n) // bs))}
         return overhead + len(touched) * per_block, overhead + blocks * per_block
 
     @classmethod
@@ -1017,8 +1014,12 @@ class Vhd(DiskFormat):
             return
         cyl, heads, spt = chs_geometry(new_size // SECTOR)
         footer = self.footer.replace(
-            current_size=new_size, cylinders=cyl, heads=heads, sectors_per_track=spt,
-            creator_app=CREATOR_APP if self.footer.creator_app in CHS_CREATORS
+            current_size=new_size,
+            cylinders=cyl,
+            heads=heads,
+            sectors_per_track=spt,
+            creator_app=CREATOR_APP
+            if self.footer.creator_app in CHS_CREATORS
             else self.footer.creator_app,
         )
         if self.disk_type == FIXED:

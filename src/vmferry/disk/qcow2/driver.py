@@ -646,8 +646,14 @@ class Qcow2(DiskFormat):
         rc = self._rc
         if rc is None or self._failed:
             return
-        if not (rc.dirty_blocks or rc.table_dirty or rc.table_moved or self._l2_dirty
-                or self._l1_dirty or rc.pending_free):
+        if not (
+            rc.dirty_blocks
+            or rc.table_dirty
+            or rc.table_moved
+            or self._l2_dirty
+            or self._l1_dirty
+            or rc.pending_free
+        ):
             return
         rc.write_blocks()
         self._sync()
@@ -673,9 +679,7 @@ class Qcow2(DiskFormat):
         if rc.pending_free:
             emptied = rc.apply_frees()
             rc.write_blocks()  # a crash before the next sync only leaks
-            if self._cpos is not None and any(
-                o <= self._cpos < o + n for o, n in emptied
-            ):
+            if self._cpos is not None and any(o <= self._cpos < o + n for o, n in emptied):
                 self._cpos = None
             for off, n in emptied:
                 self.file.punch_hole(off, n)
@@ -804,9 +808,7 @@ class Qcow2(DiskFormat):
         size = sum(len(p[1]) for p in run)
         if len(run) == 1:
             self.file.write(run[0][0], run[0][1])
-        elif first_src >= 0 and all(
-            p[2] == first_src + (p[0] - run[0][0]) for p in run
-        ):
+        elif first_src >= 0 and all(p[2] == first_src + (p[0] - run[0][0]) for p in run):
             self.file.write(run[0][0], view[first_src : first_src + size])
         else:
             self.file.write(run[0][0], b"".join(p[1] for p in run))
