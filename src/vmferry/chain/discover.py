@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vmferry.chain.open import open_layer
-from vmferry.chain.resolve import candidate_paths
+from vmferry.chain.resolve import candidate_paths, identity_mismatches
 from vmferry.disk import REGISTRY, DiskFormat, ParentRef
 from vmferry.errors import VmferryError
 
@@ -251,11 +251,7 @@ def _identity_matches(ref: ParentRef, parent: Node, child: Node | None = None) -
     """
     if not ref.identity:
         return child is None or parent.virtual_size <= child.virtual_size
-    return all(
-        str(parent.identity.get(k, "")).lower()
-        in {str(x).lower() for x in (v, *ref.alternatives.get(k, ()))}
-        for k, v in ref.identity.items()
-    )
+    return not identity_mismatches(ref, parent.identity)
 
 
 def _by_pinned_identity(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -124,16 +124,27 @@ def open_parent(
     )
 
 
-def _check_identity(
-    child_path: Path, parent_path: Path, ref: ParentRef, layer: DiskFormat, opts: ResolveOptions
-) -> None:
-    actual = layer.identity()
-    diffs = [
-        f"{key}: child expects {want}, parent has {actual.get(key, '(none)')}"
+def identity_mismatches(
+    ref: ParentRef, actual: Mapping[str, str], parent: str = "parent"
+) -> list[str]:
+    """One line per pinned key the candidate parent does not satisfy (empty: it is the parent).
+
+    The one place that decides parent identity, so opening, discovery and rebase agree
+    (a key may also take the values in ``ref.alternatives``, e.g. VHDX parent_linkage2).
+    """
+    return [
+        f"{key}: child expects {want}, {parent} has {actual.get(key, '(none)')}"
         for key, want in ref.identity.items()
         if str(actual.get(key, "")).lower()
         not in {str(v).lower() for v in (want, *ref.alternatives.get(key, ()))}
     ]
+
+
+def _check_identity(
+    child_path: Path, parent_path: Path, ref: ParentRef, layer: DiskFormat, opts: ResolveOptions
+) -> None:
+    actual = layer.identity()
+    diffs = identity_mismatches(ref, actual)
     for key, want in ref.advisory.items():
         have = actual.get(key)
         if have is not None and str(have).lower() != str(want).lower():

@@ -10,6 +10,7 @@ from typing import Any
 
 from vmferry.chain.discover import discover
 from vmferry.chain.open import open_chain, open_layer
+from vmferry.chain.resolve import identity_mismatches
 from vmferry.disk import Alloc, DiskFormat, ParentInfo
 from vmferry.errors import ParentMismatchError, UnsafeOperationError, UsageError
 
@@ -41,12 +42,7 @@ def rebase(
             raise UsageError("not a differencing image: it has no parent", path=str(child_p))
         fmt = parent_format or ref.format
         with open_chain(parent_p, fmt, allowed_dirs=[parent_p.parent, *allowed_dirs]) as parent:
-            have = parent.top.identity()
-            diffs = [
-                f"{k}: child expects {v}, {parent_p.name} has {have.get(k, '(none)')}"
-                for k, v in ref.identity.items()
-                if str(have.get(k, "")).lower() != str(v).lower()
-            ]
+            diffs = identity_mismatches(ref, parent.top.identity(), parent_p.name)
             if parent.virtual_size > child.virtual_size or (
                 parent.virtual_size != child.virtual_size and child.child_size_must_match
             ):
