@@ -104,3 +104,25 @@ def test_measure_predicts_the_converted_size(
     assert predicted["required"] >= size * 0.97, (predicted, size)
     assert predicted["required"] <= size * 1.25 + (1 << 20), (predicted, size)
     assert predicted["fully-allocated"] >= predicted["required"]
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["synced", "no-sync"])
+def test_convert_syncs_before_rename_unless_told_not_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync: bool
+) -> None:
+    """Default: data and directory entry on disk before convert returns; ``sync=False`` (the
+    CLI's --no-sync, qemu-img's default) skips both syncs but still renames only when done."""
+    import os
+
+    src = _qemu_source(tmp_path, "qcow2", "qcow2", "", seed=7)
+    synced: list[str] = []
+    real_fsync, real_fdatasync = os.fsync, os.fdatasync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(
+        os, "fdatasync", lambda fd: (synced.append("fdatasync"), real_fdatasync(fd))[1]
+    )
+    dst = tmp_path / "out.vhdx"
+    convert(src, dst, sync=sync)
+    assert bool(synced) == sync, synced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.vhdx", src.name]
+    qemu_img("compare", "-f", "qcow2", "-F", "vhdx", str(src), str(dst))

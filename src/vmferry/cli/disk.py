@@ -129,6 +129,12 @@ def check(
     "-o", "opts", multiple=True, help="Output options key=val[,key=val] (see `vmferry formats`)."
 )
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+@click.option(
+    "--no-sync",
+    is_flag=True,
+    help="Do not wait for DST to reach the disk before renaming it into place "
+    "(qemu-img convert's default); safe if the process is killed, not on power loss.",
+)
 @share_options
 @progress_option
 @json_option
@@ -142,6 +148,7 @@ def convert_cmd(
     dst_fmt: str | None,
     opts: tuple[str, ...],
     overwrite: bool,
+    no_sync: bool,
     allow_dirs: tuple[str, ...],
     force_share: bool,
     progress: bool | None,
@@ -158,6 +165,7 @@ def convert_cmd(
         force_share=force_share,
         overwrite=overwrite,
         progress=RichProgress(False if as_json else progress),
+        sync=not no_sync,
     )
     if as_json:
         emit_json(result.to_json())

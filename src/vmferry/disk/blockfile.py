@@ -12,7 +12,6 @@ Two jobs, both about not trusting image contents:
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -46,7 +45,9 @@ _FLOCK = struct.Struct("hhqqi4x")
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The C library the interpreter already links (not ctypes.util.find_library, which runs
+# `ldconfig -p` in a subprocess and costs a third of a second at every start)
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _SYNC_FILE_RANGE_WRITE = 2
 _sync_file_range = getattr(_libc, "sync_file_range", None)
@@ -263,6 +264,10 @@ class BlockFile:
             self.size = offset
 
     def truncate(self, size: int) -> None:
+        if size == self.size == 0:
+            # ext4 treats a truncate to zero as "file being replaced" and flushes the whole file
+            # when it is closed (auto_da_alloc): a fresh output would pay a synchronous flush
+            return
         os.ftruncate(self.fd, size)
         self.size = size
 

@@ -17,9 +17,15 @@ from vmferry.errors import UsageError
 
 
 class AtomicOutput:
-    def __init__(self, final: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+    def __init__(
+        self, final: str | os.PathLike[str], *, overwrite: bool = False, durable: bool = True
+    ) -> None:
         self.final = Path(os.path.abspath(final))
         self.overwrite = overwrite
+        #: False: rename without syncing first (qemu-img convert's default, cache=unsafe): a
+        #: killed process still leaves nothing half-written under the final name, but a power
+        #: loss right after may leave a renamed file whose data never reached the disk
+        self.durable = durable
         self.tmp = self.final.with_name(f".{self.final.name}.vmferry-{secrets.token_hex(4)}")
         self.file: BlockFile | None = None
         self.committed = False
@@ -45,11 +51,14 @@ class AtomicOutput:
     def commit(self) -> None:
         """Sync the finished file, move it into place, and sync the directory entry."""
         assert self.file is not None
-        if self.file.fd >= 0:
+        if self.file.fd >= 0 and self.durable:
             self.file.sync_now()
         if self.final.exists() and not self.overwrite:
             raise UsageError("output appeared while writing", path=str(self.final))
         os.replace(self.tmp, self.final)
+        self.committed = True
+        if not self.durable:
+            return
         dfd = os.open(self.final.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dfd)

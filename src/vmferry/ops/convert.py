@@ -74,12 +74,15 @@ def _read_plan(src: Chain) -> tuple[list[tuple[DiskFormat, int, int]], int]:
     return plan, sum(n for _, _, n in plan)
 
 
-def copy_chain(src: Chain, dst: DiskFormat, progress: Progress) -> tuple[int, int]:
+def copy_chain(
+    src: Chain, dst: DiskFormat, progress: Progress, *, writeback: bool = True
+) -> tuple[int, int]:
     """Copy the flattened content of ``src`` into the fresh layer ``dst``.
 
     The next chunk is read on a helper thread while this one is written (both are system
     calls that release the GIL), so reading and writing overlap as in qemu-img's pipeline.
-    Returns (bytes read, bytes written).
+    ``writeback`` starts writing finished data to disk as it goes, for an output that will be
+    synced at the end (``False`` when it will not be).  Returns (bytes read, bytes written).
     """
     plan, total = _read_plan(src)
     progress.start(total, "converting")
@@ -99,7 +102,7 @@ def copy_chain(src: Chain, dst: DiskFormat, progress: Progress) -> tuple[int, in
                 rel = run_off - pos
                 dst.write(run_off, buf[rel : rel + run_len] if run_len != n else buf)
                 written += run_len
-            if written - flushed >= WRITEBACK_EVERY:
+            if written - flushed >= WRITEBACK_EVERY and writeback:
                 dst.file.start_writeback()  # the final sync then finds little left to do
                 flushed = written
             done += n
@@ -119,8 +122,14 @@ def convert(
     force_share: bool = False,
     overwrite: bool = False,
     progress: Progress | None = None,
+    sync: bool = True,
 ) -> ConvertResult:
-    """Write the guest-visible content of ``src`` (whole chain) into a new image ``dst``."""
+    """Write the guest-visible content of ``src`` (whole chain) into a new image ``dst``.
+
+    ``sync=False`` renames the finished output into place without waiting for the disk, as
+    ``qemu-img convert`` does by default (its cache=unsafe): safe against a killed process,
+    not against a power loss in the seconds after.
+    """
     driver = output_driver(dst, dst_format)
     opts = dict(options or {})
     unknown = sorted(set(opts) - set(driver.create_options))
@@ -133,13 +142,15 @@ def convert(
         raise UsageError("source and destination are the same file")
     started = time.monotonic()
     with open_chain(src, src_format, allowed_dirs=allowed_dirs, force_share=force_share) as chain:
-        with AtomicOutput(dst, overwrite=overwrite) as out:
+        with AtomicOutput(dst, overwrite=overwrite, durable=sync) as out:
             assert out.file is not None
             out.file.cache_unsafe = True  # synced once, whole, before the rename
             layer = driver.create(out.file, chain.virtual_size, opts, None)
             out.discard_with(layer.files())
             try:
-                read_bytes, written = copy_chain(chain, layer, progress or NoProgress())
+                read_bytes, written = copy_chain(
+                    chain, layer, progress or NoProgress(), writeback=sync
+                )
                 layer.flush()
                 out.commit()
             finally:
