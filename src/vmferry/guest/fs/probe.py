@@ -11,6 +11,7 @@ import uuid as _uuid
 from dataclasses import dataclass
 
 from vmferry.guest.errors import CorruptGuestError
+from vmferry.guest.fs.btrfs import BtrfsFilesystem
 from vmferry.guest.fs.ext import ExtFilesystem
 from vmferry.guest.fs.ext_layout import EXT_MAGIC
 from vmferry.guest.fs.types import GuestFS
@@ -101,4 +102,10 @@ def open_filesystem(dev: ReadableDisk, sig: FsSignature | None = None) -> GuestF
         return ExtFilesystem(dev)
     if sig is not None and sig.type == "xfs":
         return XfsFilesystem(dev)
+    if sig is not None and sig.type == "btrfs":
+        return BtrfsFilesystem(dev)
+    if sig is not None and sig.type == "vfat":
+        from vmferry.guest.fs.fat import FatFilesystem  # FAT12/16/32, read and write
+
+        return FatFilesystem(dev)
     return None
