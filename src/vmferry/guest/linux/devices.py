@@ -42,6 +42,8 @@ def classify(spec: str) -> str:
     ):
         if upper.startswith(prefix):
             return kind
+    if spec.startswith(("/dev/disk/by-id/dm-name-", "/dev/disk/by-id/dm-uuid-LVM-")):
+        return "mapper"  # device-mapper names: LVM's own, not the hypervisor's hardware ids
     for prefix, kind in BY_LINK.items():
         if spec.startswith(prefix):
             return kind
@@ -49,10 +51,10 @@ def classify(spec: str) -> str:
         return "path"
     if spec.startswith("/dev/mapper/"):
         return "mapper"
-    if re.match(r"^/dev/[A-Za-z0-9_.+-]+/[A-Za-z0-9_.+-]+$", spec):
-        return "lvm"  # /dev/VolGroup00/LogVol00
     if spec.startswith("/dev/md") or spec.startswith("/dev/dm-"):
         return "other"
+    if re.match(r"^/dev/[A-Za-z0-9_.+-]+/[A-Za-z0-9_.+-]+$", spec):
+        return "lvm"  # /dev/VolGroup00/LogVol00
     if ":" in spec or spec.startswith("//"):
         return "network"
     if spec in _NOT_DEVICES or not spec.startswith("/"):
@@ -78,3 +80,37 @@ def kernel_partition(spec: str) -> tuple[str, int | None] | None:
 def is_first_disk(disk: str) -> bool:
     """``sda``, ``hda``, ``vda``, ``xvda``, ``nvme0n1``, ``mmcblk0``, ``cciss/c0d0``."""
     return disk in ("sda", "hda", "vda", "xvda", "nvme0n1", "mmcblk0", "cciss/c0d0")
+
+
+def lvm_name(spec: str) -> tuple[str, str] | None:
+    """(VG, LV) for ``/dev/VG/LV``, ``/dev/mapper/VG-LV`` or ``/dev/disk/by-id/dm-name-VG-LV``.
+
+    Device-mapper names double every ``-`` inside the VG and LV names (``my--vg-root``); a name
+    with a further single ``-`` is an LVM-internal layer (``-real``, ``-cow``, ``-tpool``) and
+    not a volume a guest mounts, so it gives None.
+    """
+    for prefix in ("/dev/mapper/", "/dev/disk/by-id/dm-name-"):
+        if spec.startswith(prefix):
+            parts = _split_dm_name(spec[len(prefix) :])
+            return parts if parts is not None and len(parts) == 2 else None
+    m = re.match(r"^/dev/([A-Za-z0-9_.+-]+)/([A-Za-z0-9_.+-]+)$", spec)
+    if m and m.group(1) not in ("disk", "mapper", "md", "cciss", "block", "char"):
+        return m.group(1), m.group(2)
+    return None
+
+
+def _split_dm_name(name: str) -> tuple[str, ...] | None:
+    pieces, current, i = [], [], 0
+    while i < len(name):
+        if name[i] == "-":
+            if name[i + 1 : i + 2] == "-":
+                current.append("-")
+                i += 2
+                continue
+            pieces.append("".join(current))
+            current = []
+        else:
+            current.append(name[i])
+        i += 1
+    pieces.append("".join(current))
+    return tuple(pieces) if all(pieces) else None

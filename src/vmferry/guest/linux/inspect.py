@@ -126,10 +126,8 @@ def inspect_guest(guest: Guest) -> dict[str, Any]:
         "partition_table": {"scheme": guest.table.scheme, "id": guest.table.id},
         "filesystems": [g.to_json() for g in guest.filesystems],
         "root": guest.root.to_json(),
-        "mounts": {
-            mp: (g.partition.index if g.partition else None)
-            for mp, g in sorted(guest.mounts.items())
-        },
+        "mounts": {mp: g.where for mp, g in sorted(guest.mounts.items())},
+        "lvm": guest.lvm.to_json(),
         "fstab": fstab_report(guest),
         "crypttab": crypttab_report(guest),
         "resume": resume_report(guest, boot),
@@ -255,6 +253,7 @@ def _ref(guest: Guest, spec: str) -> dict[str, Any]:
         "resolves_to": (
             {
                 "partition": target.partition.index if target.partition else None,
+                "lv": target.lv,
                 "type": target.type,
                 "uuid": target.uuid,
                 "label": target.label,
