@@ -116,8 +116,8 @@ def render_du_html(forest: Forest, report: dict[str, Any], scanned: list[str]) -
         ]:
             cls = ' class="problem"' if f.get("problem") else ""
             body.append(
-                f"<tr{cls}><td>{html.escape(Path(f['path']).name)}</td><td>{f['role']}"
-                f"{' (' + f['problem'] + ')' if f.get('problem') else ''}</td>"
+                f"<tr{cls}><td>{html.escape(Path(f['path']).name)}</td><td>{html.escape(f['role'])}"
+                f"{' (' + html.escape(f['problem']) + ')' if f.get('problem') else ''}</td>"
                 f"<td>{_gib(f['used_bytes'])}</td><td>{_gib(f['allocated_bytes'])}</td>"
                 f"<td>{_gib(f['worst_case_bytes'])}</td></tr>"
             )

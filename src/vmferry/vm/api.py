@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 from vmferry.errors import ConfigError
@@ -9,13 +10,19 @@ from vmferry.vm.convert import Conversion, convert_config
 from vmferry.vm.model import VmModel
 from vmferry.vm.readers import read_config
 
+#: characters no target's file system or shell takes well in a file name (Windows/Hyper-V forbid
+#: these; `<>` and quotes also keep names inert when shown in HTML reports or scripts)
+_UNSAFE_IN_NAMES = frozenset('/\\:<>"|?*')
+
 
 def safe_file_name(name: str) -> str:
     """A file name derived from a VM name, with no path separators or control characters.
 
     VM names come from the (untrusted) source config; they must never choose a directory.
     """
-    cleaned = "".join("_" if c in "/\\:" or ord(c) < 32 else c for c in name).strip(" .")
+    cleaned = "".join(
+        "_" if c in _UNSAFE_IN_NAMES or unicodedata.category(c) in ("Cc", "Cf") else c for c in name
+    ).strip(" .")
     return cleaned or "vm"
 
 
