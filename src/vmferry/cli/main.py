@@ -32,6 +32,7 @@ COMMANDS = {
     "vm": "vmferry.cli.vm:vm_group",
     "inspect": "vmferry.cli.guest:inspect_cmd",
     "fix": "vmferry.cli.guest:fix_cmd",
+    "migrate": "vmferry.cli.migrate:migrate_cmd",
     "demo": "vmferry.cli.demo:demo",
 }
 

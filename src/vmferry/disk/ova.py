@@ -117,8 +117,11 @@ def _parse_pax(data: bytes, path: str) -> dict[str, str]:
     return out
 
 
-def read_tar_index(f: BlockFile) -> list[TarMember]:
-    """Every member's name, data offset and size, reading only the 512-byte headers."""
+def read_tar_index(f: BlockFile, max_members: int = MAX_MEMBERS) -> list[TarMember]:
+    """Every member's name, data offset and size, reading only the 512-byte headers.
+
+    ``max_members``: an XVA holds two members per MiB of disk data, far more than an OVA.
+    """
     path = str(f.path)
     members: list[TarMember] = []
     pos = 0
@@ -169,8 +172,8 @@ def read_tar_index(f: BlockFile) -> list[TarMember]:
         name = long_name or pax.get("path") or _ustar_name(header)
         long_name, pax = None, {}
         members.append(TarMember(_normalise(name), data_at, size, _kind(kind_flag)))
-        if len(members) > MAX_MEMBERS:
-            raise ResourceLimitError(f"OVA has more than {MAX_MEMBERS} members", path=path)
+        if len(members) > max_members:
+            raise ResourceLimitError(f"archive has more than {max_members} members", path=path)
         pos = next_pos
     return members
 
@@ -798,6 +801,34 @@ class _OvaWriter:
             self.disk.close()
         finally:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def write_ova_archive(
+    out: BlockFile, ovf_name: str, ovf: bytes, disks: list[tuple[str, BlockFile]]
+) -> None:
+    """Pack a finished OVF descriptor and its disk files into ``out`` (used by migrate).
+
+    Member order as the OVF specification asks: descriptor, manifest (SHA-256), then the disks
+    in the order given.  ``out`` is a fresh file; member names must be plain file names.
+    """
+    for name in [ovf_name, *(n for n, _ in disks)]:
+        _check_member_name(name, str(out.path))
+        if "/" in name:
+            raise UsageError(f"OVA member {name!r} must be a plain file name")
+    lines = [f"SHA256({ovf_name})= {hashlib.sha256(ovf).hexdigest()}\n"]
+    lines += [f"SHA256({name})= {_sha256_file(f)}\n" for name, f in disks]
+    mf_name = ovf_name[:-4] + ".mf" if ovf_name.lower().endswith(".ovf") else ovf_name + ".mf"
+    pos = 0
+    for name, blob in ((ovf_name, ovf), (mf_name, "".join(lines).encode())):
+        out.write(pos, _tar_header(name, len(blob)))
+        out.write(pos + BLOCK, blob)
+        pos += BLOCK + _padded(len(blob))
+    for name, f in disks:
+        out.write(pos, _tar_header(name, f.size))
+        _copy_into(f, out, pos + BLOCK, f.size)
+        pos += BLOCK + _padded(f.size)
+    out.truncate(pos + 2 * BLOCK)  # end of archive: two zero blocks
+    out.write(pos, bytes(2 * BLOCK))
 
 
 _CONTROLLERS = {
