@@ -1,11 +1,14 @@
-"""XFS, read-only: enough to inspect a Red Hat 7+ guest whose root is XFS.
+"""XFS: enough to inspect and fix a Red Hat 7+ guest whose root is XFS.
 
-Covers v4 and v5 (CRC) filesystems: inodes located from their numbers, data forks in local,
-extent and B+tree format, directories in short form, block, leaf and node form (only the data
-blocks are read: the hash indexes are not needed to list a directory), local and remote
-symlinks.  Everything is big-endian.  Not done: writes (a fix touching XFS is refused by
-``write_plan``), realtime files, checking the log (an unclean log means what we read may be
-stale, as with any offline reader).
+Reading covers v4 and v5 (CRC) filesystems: inodes located from their numbers, data forks in
+local, extent and B+tree format, directories in short form, block, leaf and node form (only the
+data blocks are read: the hash indexes are not needed to list a directory), local and remote
+symlinks.  Everything is big-endian.  Reading does not check the log (an unclean log means what
+we read may be stale, as with any offline reader); writing does.
+
+Writing is narrow and lives in its own modules: :mod:`.xfs_write` rewrites a file inside the
+blocks it owns, :mod:`.xfs_create` adds inline symlinks and empty files, :mod:`.xfs_log` decides
+whether the log is clean.  Not done: realtime files, block allocation.
 """
 
 from __future__ import annotations
@@ -14,117 +17,32 @@ import stat as _stat
 import struct
 from dataclasses import dataclass
 
-from vmferry._layout import Layout, raw, u8, u16, u32, u64
 from vmferry.guest.errors import (
     CorruptGuestError,
     GuestLimitError,
     NotADirectoryInGuestError,
     UnsupportedGuestFeatureError,
 )
+from vmferry.guest.fs import xfs_create, xfs_write
 from vmferry.guest.fs.tree import MAX_FILE_READ, MAX_PATH, TreeFilesystem
 from vmferry.guest.fs.types import DirEntry, Stat
+from vmferry.guest.fs.xfs_layout import (
+    FMT_BTREE,
+    FMT_EXTENTS,
+    FMT_LOCAL,
+    FTYPE,
+    INCOMPAT,
+    INCOMPAT_READ_OK,
+    DinodeCore,
+    XfsSuperblock,
+    bits,
+    bmbt_rec,
+)
 from vmferry.guest.overlay import ReadableDisk
 
 MAX_DIR_BYTES = 64 << 20
 MAX_BTREE_DEPTH = 8
 DIR_LEAF_OFFSET = 32 << 30  # directory data blocks live below this byte offset
-
-INCOMPAT = {
-    0x1: "ftype",
-    0x2: "sparse_inodes",
-    0x4: "meta_uuid",
-    0x8: "bigtime",
-    0x10: "needsrepair",
-    0x20: "nrext64",
-}
-INCOMPAT_READ_OK = {"ftype", "sparse_inodes", "meta_uuid", "bigtime"}
-_FTYPE = {1: "file", 2: "dir", 3: "chr", 4: "blk", 5: "fifo", 6: "sock", 7: "symlink"}
-
-
-class XfsSuperblock(Layout, byteorder=">", size=264):
-    magic: bytes = raw(4)
-    blocksize: int = u32()
-    dblocks: int = u64()
-    rblocks: int = u64()
-    rextents: int = u64()
-    uuid: bytes = raw(16)
-    logstart: int = u64()
-    rootino: int = u64()
-    rbmino: int = u64()
-    rsumino: int = u64()
-    rextsize: int = u32()
-    agblocks: int = u32()
-    agcount: int = u32()
-    rbmblocks: int = u32()
-    logblocks: int = u32()
-    versionnum: int = u16()
-    sectsize: int = u16()
-    inodesize: int = u16()
-    inopblock: int = u16()
-    fname: bytes = raw(12)
-    blocklog: int = u8()
-    sectlog: int = u8()
-    inodelog: int = u8()
-    inopblog: int = u8()
-    agblklog: int = u8()
-    rextslog: int = u8()
-    inprogress: int = u8()
-    imax_pct: int = u8()
-    icount: int = u64()
-    ifree: int = u64()
-    fdblocks: int = u64()
-    frextents: int = u64()
-    uquotino: int = u64()
-    gquotino: int = u64()
-    qflags: int = u16()
-    flags: int = u8()
-    shared_vn: int = u8()
-    inoalignmt: int = u32()
-    unit: int = u32()
-    width: int = u32()
-    dirblklog: int = u8()
-    logsectlog: int = u8()
-    logsectsize: int = u16()
-    logsunit: int = u32()
-    features2: int = u32()
-    bad_features2: int = u32()
-    features_compat: int = u32()
-    features_ro_compat: int = u32()
-    features_incompat: int = u32()
-    features_log_incompat: int = u32()
-    crc: int = u32()
-    spino_align: int = u32()
-    pquotino: int = u64()
-    lsn: int = u64()
-    meta_uuid: bytes = raw(16)
-
-
-class DinodeCore(Layout, byteorder=">", size=96):
-    magic: bytes = raw(2)
-    mode: int = u16()
-    version: int = u8()
-    format: int = u8()
-    onlink: int = u16()
-    uid: int = u32()
-    gid: int = u32()
-    nlink: int = u32()
-    projid: int = u32()
-    big_nextents: int = u64()
-    times: bytes = raw(24)
-    size: int = u64()
-    nblocks: int = u64()
-    extsize: int = u32()
-    nextents: int = u32()
-    anextents: int = u16()
-    forkoff: int = u8()
-    aformat: int = u8()
-    dmevmask: int = u32()
-    dmstate: int = u16()
-    flags: int = u16()
-    gen: int = u32()
-
-
-FMT_LOCAL, FMT_EXTENTS, FMT_BTREE = 1, 2, 3
 
 
 @dataclass
@@ -132,6 +50,8 @@ class XfsInode:
     ino: int
     core: DinodeCore
     fork: bytes  # the data fork's bytes
+    raw: bytes = b""  # the whole on-disk inode (kept so a rewrite preserves every field)
+    offset: int = 0  # its byte offset in the filesystem
 
     @property
     def kind(self) -> str:
@@ -147,7 +67,7 @@ class XfsInode:
 
 
 class XfsFilesystem(TreeFilesystem):
-    """One XFS filesystem on ``dev``, read-only."""
+    """One XFS filesystem on ``dev`` (writes need a writable ``dev``, e.g. an Overlay)."""
 
     type = "xfs"
 
@@ -165,7 +85,7 @@ class XfsFilesystem(TreeFilesystem):
         self.v5 = sb.versionnum & 0xF == 5
         if not self.v5 and sb.versionnum & 0xF != 4:
             raise UnsupportedGuestFeatureError(f"XFS version {sb.versionnum & 0xF}")
-        unknown = [INCOMPAT.get(b, hex(b)) for b in _bits(sb.features_incompat)]
+        unknown = [INCOMPAT.get(b, hex(b)) for b in bits(sb.features_incompat)]
         unknown = [n for n in unknown if n not in INCOMPAT_READ_OK] if self.v5 else []
         if unknown:
             raise UnsupportedGuestFeatureError(
@@ -189,6 +109,7 @@ class XfsFilesystem(TreeFilesystem):
         self.dir_block = sb.blocksize << sb.dirblklog
         self.ftype = bool(sb.features_incompat & 1) if self.v5 else bool(sb.features2 & 0x200)
         self._dir_cache: dict[int, dict[str, int]] = {}
+        self.log_known_clean = False  # set by the first write check (vmferry.guest.fs.xfs_log)
 
     @property
     def uuid(self) -> str:
@@ -233,7 +154,7 @@ class XfsFilesystem(TreeFilesystem):
         end = start + core.forkoff * 8 if core.forkoff else sb.inodesize
         if not start <= end <= sb.inodesize:
             raise CorruptGuestError(f"XFS inode {ino}: fork offset is impossible")
-        return XfsInode(ino, core, buf[start:end])
+        return XfsInode(ino, core, buf[start:end], buf, off)
 
     # --- block maps -----------------------------------------------------------------------------
 
@@ -244,7 +165,7 @@ class XfsFilesystem(TreeFilesystem):
             n = node.core.nextents
             if n * 16 > len(node.fork):
                 raise CorruptGuestError(f"XFS inode {node.ino}: {n} extents overflow the fork")
-            return [_bmbt_rec(node.fork, 16 * i) for i in range(n)]
+            return [bmbt_rec(node.fork, 16 * i) for i in range(n)]
         if fmt == FMT_BTREE:
             if len(node.fork) < 4:
                 raise CorruptGuestError(f"XFS inode {node.ino}: B+tree root too small")
@@ -273,7 +194,7 @@ class XfsFilesystem(TreeFilesystem):
         if level == 0:
             if hdr + numrecs * 16 > len(buf):
                 raise CorruptGuestError(f"XFS inode {ino}: B+tree leaf overflows its block")
-            out.extend(_bmbt_rec(buf, hdr + 16 * i) for i in range(numrecs))
+            out.extend(bmbt_rec(buf, hdr + 16 * i) for i in range(numrecs))
             if len(out) > self.sb.dblocks:
                 raise GuestLimitError(f"XFS inode {ino}: more extents than blocks")
             return
@@ -345,7 +266,7 @@ class XfsFilesystem(TreeFilesystem):
                 raise CorruptGuestError(f"XFS directory {node.ino}: short form entry overruns")
             ino = int.from_bytes(f[ino_at : ino_at + isize], "big")
             name = f[name_at:after].decode("utf-8", "surrogateescape")
-            out.append(DirEntry(name, ino, _FTYPE.get(ftype, "unknown")))
+            out.append(DirEntry(name, ino, FTYPE.get(ftype, "unknown")))
             pos = ino_at + isize
         return out
 
@@ -380,7 +301,7 @@ class XfsFilesystem(TreeFilesystem):
             size = 8 + 1 + namelen + (1 if self.ftype else 0) + 2
             pos += (size + 7) & ~7
             if name not in (".", ".."):
-                out.append(DirEntry(name, child, _FTYPE.get(ftype, "unknown")))
+                out.append(DirEntry(name, child, FTYPE.get(ftype, "unknown")))
 
     def _readlink_node(self, node: XfsInode) -> str:
         size = node.core.size
@@ -417,15 +338,43 @@ class XfsFilesystem(TreeFilesystem):
             return node.fork[: min(length, node.core.size)]
         return self._read_range(node, min(length, node.core.size))
 
+    # --- writing (vmferry.guest.fs.xfs_write: in place, inside the file's own blocks) ----------
 
-def _bmbt_rec(buf: bytes, at: int) -> tuple[int, int, int, bool]:
-    l0, l1 = struct.unpack_from(">QQ", buf, at)
-    unwritten = bool(l0 >> 63)
-    startoff = (l0 >> 9) & ((1 << 54) - 1)
-    startblock = ((l0 & 0x1FF) << 43) | (l1 >> 21)
-    count = l1 & ((1 << 21) - 1)
-    return startoff, startblock, count, unwritten
+    def check_writable(self) -> None:
+        """Refuse (named) unless the features and a clean log allow writing."""
+        xfs_write.check_writable(self)
 
+    def check_write_file(self, path: str, data: bytes) -> None:
+        """Raise the refusal ``write_file(path, data)`` would raise, without writing."""
+        xfs_write.plan_rewrite(self, path, data)
 
-def _bits(mask: int) -> list[int]:
-    return [1 << i for i in range(32) if mask & (1 << i)]
+    def write_file(self, path: str, data: bytes) -> None:
+        """Replace an existing regular file's content; it must fit the blocks the file owns."""
+        xfs_write.write_file(self, path, data)
+
+    def append_file(self, path: str, data: bytes) -> None:
+        """Append to an existing regular file; it must fit the blocks the file owns."""
+        xfs_write.write_file(self, path, data, append=True)
+
+    def check_append_file(self, path: str, data: bytes) -> None:
+        """Raise the refusal ``append_file(path, data)`` would raise, without writing."""
+        xfs_write.plan_rewrite(self, path, data, append=True)
+
+    def check_creatable(self, path: str) -> None:
+        """Raise the refusal a new symlink (or empty file) at ``path`` would get; no write."""
+        xfs_create.check_create(self, path)
+
+    def check_create_file(self, path: str, data: bytes) -> None:
+        """Raise the refusal ``create_file(path, data)`` would get (content is refused)."""
+        xfs_create.check_create(self, path, "file", data)
+
+    def create_file(
+        self, path: str, data: bytes, *, mode: int = 0o644, uid: int = 0, gid: int = 0
+    ) -> int:
+        """A new regular file; only empty ones (content would need block allocation)."""
+        return xfs_create.create(self, path, "file", data, mode, uid, gid)
+
+    def symlink(self, path: str, target: str, *, uid: int = 0, gid: int = 0) -> int:
+        """A new symlink whose target fits inside the inode (``/dev/null`` for masking)."""
+        raw = target.encode("utf-8", "surrogateescape")
+        return xfs_create.create(self, path, "symlink", raw, 0o777, uid, gid)
