@@ -14,7 +14,7 @@ from vmferry.migrate.findings import SEVERITIES
 TOP_KEYS = {
     "schema", "status", "dry_run", "source", "target", "outdir", "before", "after", "guest",
     "summary", "findings", "choices", "not_carried", "disks", "space", "config_path", "outputs",
-    "timings", "resume", "notes", "error",
+    "timings", "resume", "notes", "error", "started_at", "finished_at",
 }  # fmt: skip
 DISK_KEYS = {
     "index", "boot", "status", "source", "virtual_size", "data_bytes", "output", "fitted",
@@ -78,3 +78,18 @@ def test_report_option(guest: Path, tmp_path: Path) -> None:
         assert not (tmp_path / "out").exists()  # refused before anything was written
     else:
         assert res.exit_code == 0 and html.is_file()
+
+
+def test_report_path_is_checked_before_any_disk_is_written(tmp_path: Path) -> None:
+    """A --report in a missing directory is a usage error up front, with OUTDIR untouched."""
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(1 << 20))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(
+        cli,
+        ["migrate", str(image), "--to", "kvm", "-o", str(out), "--report",
+         str(tmp_path / "missing" / "r.html")],
+    )  # fmt: skip
+    assert res.exit_code == 64, res.output
+    assert "directory does not exist" in res.output
+    assert not out.exists()

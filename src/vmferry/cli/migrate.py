@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -13,6 +14,7 @@ from vmferry.cli.common import (
     json_option,
     progress_option,
 )
+from vmferry.errors import UsageError
 from vmferry.vm import TARGETS
 
 #: exit code when preflight finds blockers (the same code ``fix`` uses for "not bootable")
@@ -72,6 +74,8 @@ def migrate_cmd(
     from vmferry.migrate.result import summary_text
 
     writer = _report_writer() if report else None
+    if report:
+        _check_report_path(report)  # before any disk is written, not after
     result = migrate(
         source,
         target,
@@ -97,10 +101,16 @@ def migrate_cmd(
         sys.exit(EXIT_BLOCKED)
 
 
+def _check_report_path(report: str) -> None:
+    path = Path(report)
+    if path.is_dir():
+        raise UsageError("--report names a directory", path=report, hint="give a file name")
+    if not path.parent.resolve().is_dir():
+        raise UsageError("--report's directory does not exist", path=str(path.parent))
+
+
 def _report_writer():  # type: ignore[no-untyped-def]
     """The HTML report writer, imported only when asked for (it is a separate module)."""
-    from vmferry.errors import UsageError
-
     try:
         from vmferry.migrate.report import write_html
     except ImportError:

@@ -82,6 +82,8 @@ class MigrationResult:
     resume: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     error: dict[str, Any] | None = None
+    started_at: str | None = None  # ISO 8601 UTC
+    finished_at: str | None = None
 
     @property
     def blockers(self) -> list[Finding]:
@@ -109,6 +111,8 @@ class MigrationResult:
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "resume": dict(self.resume),
             "notes": list(self.notes),
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
             "error": self.error,
         }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ def migrate(
 ) -> MigrationResult:
     """Migrate the VM at ``source`` to ``target`` into ``outdir``; see docs/migrate.md."""
     started = time.monotonic()
+    started_at = _utc_now()
     out = Path(os.path.abspath(outdir))
     if out.exists() and not out.is_dir():
         raise UsageError("the output must be a directory", path=str(out))
@@ -57,9 +59,15 @@ def migrate(
         memory=memory, cpus=cpus, allowed_dirs=allowed_dirs,
     )  # fmt: skip
     try:
-        return _run(plan, prior if resume else None, dry_run, progress, started)
+        result = _run(plan, prior if resume else None, dry_run, progress, started)
     finally:
         plan.close()
+    result.started_at, result.finished_at = started_at, _utc_now()
+    return result
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _fingerprint(plan: MigrationPlan) -> dict[str, Any]:

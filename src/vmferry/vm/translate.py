@@ -187,7 +187,11 @@ def _fit_disks(tr: Translation, boot_controller: str | None) -> None:
                 choice, reason = model, "kept: target boots from it"
             else:
                 choice = prof.preferred_boot_controller(vm.firmware)
-                reason = f"{prof.name} does not boot {vm.firmware} guests from {model or '?'}"
+                reason = (
+                    f"{prof.name} does not boot {vm.firmware} guests from {model}"
+                    if model
+                    else "the source names no boot controller model"
+                )
         elif model in prof.controllers:
             choice, reason = model, "kept"
         else:

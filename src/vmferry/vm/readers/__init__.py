@@ -49,6 +49,7 @@ _BY_SUFFIX = {
     ".vbox": "vbox",
     ".vmcx": "vmcx",
     ".vbox-prev": "vbox",
+    ".xva": "xva",
 }
 _XML_ROOTS = {
     "domain": "libvirt",
