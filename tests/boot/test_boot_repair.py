@@ -1,15 +1,11 @@
 """Boot proof of guest repair (issue 6): guests that fail on KVM's virtio-blk, repaired by
 ``vmferry.guest.linux.fix.apply_fixes(..., "kvm")`` offline, boot there.
 
-What vmferry can repair today is the device naming (fstab, GRUB's ``root=``, swap).  It cannot
-yet add a missing storage driver to an initramfs (docs/guest.md, "Not done yet"), so:
-
 * the guest whose initramfs has every driver (``MODULES=most``) but names ``/dev/sda1`` fails
-  on virtio-blk before the repair and boots after it: the rewrite alone is proven to work;
-* the classic VMware guest (initramfs with only ``vmw_pvscsi``): vmferry's plan must report
-  that the initramfs lacks the virtio-blk drivers; while it does, the boot after repair is an
-  xfail (not booted: it would only show "ALERT!  UUID=... does not exist").  When vmferry stops
-  reporting it (it added the driver), that boot runs and must succeed: no fake pass either way.
+  on virtio-blk before the repair and boots after it: the name rewrite alone is proven to work;
+* the classic VMware guest (initramfs with only ``vmw_pvscsi``): vmferry's plan must say it
+  adds the virtio-blk drivers to the initramfs (docs/guest-initramfs.md), and after the repair
+  the guest must boot from virtio-blk.
 """
 
 from __future__ import annotations
@@ -69,36 +65,36 @@ def _lacks_virtio_finding(findings) -> list[str]:
 
 
 def test_vmware_guest_repair_plan_is_honest(vmware_guest: BuiltGuest) -> None:
-    """vmferry must say the pvscsi-only initramfs cannot boot from virtio-blk (today it warns
-    and names the controllers the initramfs can boot from) while rewriting the names."""
+    """The pvscsi-only initramfs cannot boot from virtio-blk: the plan must say it adds the
+    virtio drivers (an archive appended to the initrd, the modules named for future rebuilds)
+    while rewriting the names, and no longer report them missing."""
     from vmferry.guest.linux.fix import plan_fixes
 
     changes, findings = plan_fixes(vmware_guest.path, "kvm")
-    paths = {c.path for c in changes}
-    assert {"/etc/fstab", "/boot/grub/grub.cfg"} <= paths, paths
-    if not _lacks_virtio_finding(findings):
-        pytest.fail(
-            "vmferry no longer reports the missing virtio driver: if it now adds it, update "
-            "test_vmware_guest_boots_on_virtio_after_repair below; findings: "
-            + "; ".join(f.message for f in findings)
-        )
+    by_path = {c.path: c for c in changes}
+    assert {"/etc/fstab", "/boot/grub/grub.cfg", "/etc/initramfs-tools/modules"} <= set(by_path)
+    initrd = by_path[f"/boot/initrd.img-{vmware_guest.kernel}"]
+    assert initrd.kind == "append" and initrd.data, initrd
+    assert "virtio_blk" in initrd.summary and "virtio_pci" in initrd.summary, initrd.summary
+    assert "virtio_blk" in by_path["/etc/initramfs-tools/modules"].after
+    adds = [f for f in findings if f.rule == "initramfs" and "adds the virtio-blk" in f.message]
+    assert adds, [f.message for f in findings]
+    assert not _lacks_virtio_finding(findings), [f.message for f in findings]
 
 
 def test_vmware_guest_boots_on_virtio_after_repair(
     vmware_guest: BuiltGuest, tmp_path: Path
 ) -> None:
-    """Runs (and must pass) as soon as vmferry stops reporting the missing virtio driver."""
+    """Repaired offline (names rewritten, virtio drivers added to its initramfs), the classic
+    VMware guest boots from virtio-blk."""
     from vmferry.guest.linux.fix import plan_fixes
 
     _, findings = plan_fixes(vmware_guest.path, "kvm")
-    lacking = _lacks_virtio_finding(findings)
-    if lacking:
-        pytest.xfail(
-            "vmferry cannot add virtio_blk to an initramfs yet (docs/guest.md); it says: "
-            + lacking[0]
-        )
+    assert not _lacks_virtio_finding(findings), [f.message for f in findings]
     fixed = tmp_path / "fixed.qcow2"
-    _repair(vmware_guest.path, fixed)
+    result = _repair(vmware_guest.path, fixed)
+    assert result.plan.bootable, result.plan.to_json()
+    assert f"/boot/initrd.img-{vmware_guest.kernel}" in result.written, result.written
     after = boot(fixed, "qcow2", "virtio-blk", log_path=tmp_path / "serial.log")
     print(f"vmware guest after repair on virtio-blk: {after.outcome} in {after.elapsed} s")
     assert_booted(after, "virtio-blk")

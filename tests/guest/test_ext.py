@@ -457,3 +457,57 @@ def test_fuzzed_metadata_fails_only_with_named_errors(tmp_path: Path, variant: s
                 _walk(_fs(disk), "/")
             except GuestError:
                 pass
+
+
+def test_append_keeps_e2fsck_clean(fx: Fixture) -> None:
+    """Appending (in place for extent files, a rewrite for block-mapped ones) across layouts."""
+    rng = random.Random(21)
+    with vmferry.open(fx.img) as disk:
+        ov = Overlay(disk)
+        for path, extra in (
+            ("/etc/fstab", b"# one line\n"),  # fills the last partial block only
+            ("/usr/bin/big", rng.randbytes(2 * MIB + 77)),  # megabytes after megabytes
+            ("/empty", rng.randbytes(5000)),  # from nothing
+            ("/boot/grub/grub.cfg", rng.randbytes(4096 * 3)),  # whole blocks
+        ):
+            before = _fs(ov, fx.size).read_file(path)
+            _fs(ov, fx.size).append_file(path, extra)
+            assert _fs(ov, fx.size).read_file(path) == before + extra
+            out = fx.tmp / "after.raw"
+            out.write_bytes(ov.read(START, fx.size))
+            ok, report = e2fsck_clean(out)
+            assert ok, f"e2fsck after appending to {path}:\n{report}"
+            assert debugfs_cat(out, path) == before + extra
+
+
+def test_append_to_a_fragmented_filesystem_builds_a_two_level_tree(tmp_path: Path) -> None:
+    """Hundreds of 3-block holes: the appended file needs more extents than 4 leaves hold."""
+    root = tmp_path / "root"
+    fake_root(root)
+    for i in range(1200):
+        (root / "tmp" / f"f{i:04d}").write_bytes(b"x" * 3000)
+    img, _ = make_disk(tmp_path, DISK, f"label: dos\nstart={START // 512},size={SIZE // 512}\n")
+    mkfs_ext(img, START, 8 * MIB, root, "-b", "1024", "-N", "2048")
+    fx = Fixture(img, root, tmp_path, 8 * MIB)
+    part = fx.part()
+    cmds = "\n".join(f"rm /tmp/f{i:04d}" for i in range(0, 1200, 2))
+    subprocess.run(
+        ["debugfs", "-w", "-f", "-", str(part)], input=cmds, text=True, capture_output=True,
+        check=True,
+    )  # fmt: skip
+    fx.put_back(part)
+    extra = random.Random(4).randbytes(1500 * 1024)  # > 4 leaves x 84 extents of 3 blocks
+    with vmferry.open(fx.img) as disk:
+        ov = Overlay(disk)
+        before = _fs(ov, fx.size).read_file("/etc/os-release")
+        _fs(ov, fx.size).append_file("/etc/os-release", extra)
+        assert _fs(ov, fx.size).read_file("/etc/os-release") == before + extra
+        out = tmp_path / "frag.raw"
+        out.write_bytes(ov.read(START, fx.size))
+    ok, report = e2fsck_clean(out)
+    assert ok, report
+    assert debugfs_cat(out, "/etc/os-release") == before + extra
+    ex = subprocess.run(
+        ["debugfs", "-R", "ex /etc/os-release", str(out)], capture_output=True, text=True
+    ).stdout
+    assert " 0/ 2 " in ex and " 2/ 2 " in ex, ex  # an index level above the leaves

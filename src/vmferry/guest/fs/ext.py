@@ -549,6 +549,76 @@ class ExtFilesystem(TreeFilesystem):
         self._check_inode_writable(node, path)
         self._replace_content(node, data)
 
+    def append_file(self, path: str, data: bytes) -> None:
+        """Append ``data`` to the existing regular file at ``path``.
+
+        An extent-mapped file without holes keeps its blocks: the last partial block is filled,
+        new blocks are allocated for the rest and the extent tree is rebuilt (any depth), so a
+        tens-of-MB initramfs is not rewritten.  Other files (block-mapped, sparse,
+        preallocated) are rewritten whole through :meth:`write_file`'s path.
+        """
+        self.check_writable()
+        node = self.resolve(path)
+        if node.kind != "file":
+            raise GuestWriteRefusedError(f"{path}: not a regular file")
+        self._check_inode_writable(node, path)
+        if not data:
+            return
+        plan = self._append_plan(node)
+        if plan is None:
+            old = self.read_inode_data(node, MAX_FILE_READ - len(data))
+            self._replace_content(node, old + bytes(data))
+            return
+        runs, meta = plan
+        bs = self.block_size
+        size = node.size
+        nold = -(-size // bs)
+        tail = size % bs
+        data = bytes(data)
+        new_size = size + len(data)
+        if tail:
+            last = next(p + nold - 1 - lb for lb, p, c in runs if lb <= nold - 1 < lb + c)
+            block = bytearray(self.read_blocks(last, 1, f"inode {node.ino}"))
+            take = min(bs - tail, len(data))
+            block[tail:] = data[:take].ljust(bs - tail, b"\0")
+            self._write_block(last, block)
+            data = data[take:]
+        for b in meta:
+            self._set_blocks(b, 1, used=False)
+        goal = (runs[-1][1] - self.sb.first_data_block) // self.sb.blocks_per_group if runs else 0
+        nnew = -(-len(data) // bs)
+        new_runs = self._allocate(nnew, goal) if nnew else []
+        pos = 0
+        for phys, count in new_runs:
+            self._write_block(phys, data[pos : pos + count * bs].ljust(count * bs, b"\0"))
+            pos += count * bs
+        merged: list[tuple[int, int]] = []
+        for phys, count in [(p, c) for _, p, c in runs] + new_runs:
+            if merged and merged[-1][0] + merged[-1][1] == phys:
+                merged[-1] = (merged[-1][0], merged[-1][1] + count)
+            else:
+                merged.append((phys, count))
+        block_field, meta_blocks = self._build_extents(node, merged)
+        self._finish_inode(node, block_field, new_size, nold + nnew + meta_blocks)
+        self._flush_groups()
+
+    def _append_plan(self, node: Inode) -> tuple[list[tuple[int, int, int]], list[int]] | None:
+        """The file's runs and extent-tree blocks when it can be extended in place, else None."""
+        if not node.base.flags & EXT4_EXTENTS_FL or self._uninit_extents(node):
+            return None
+        runs: list[tuple[int, int, int]] = []
+        meta: list[int] = []
+        self._walk_extents(node.base.block, MAX_EXTENT_DEPTH + 1, runs, meta, node.ino)
+        runs.sort()
+        expect = 0
+        for lb, _, count in runs:
+            if lb != expect:
+                return None
+            expect += count
+        if expect != -(-node.size // self.block_size):
+            return None
+        return runs, meta
+
     def _check_inode_writable(self, node: Inode, path: str) -> None:
         flags = node.base.flags
         for flag, why in (
@@ -898,6 +968,9 @@ class ExtFilesystem(TreeFilesystem):
     # mappings
 
     def _build_extents(self, node: Inode, runs: list[tuple[int, int]]) -> tuple[bytes, int]:
+        """The inode's extent root for ``runs`` (logically contiguous from block 0) and how many
+        tree blocks were allocated.  Up to 4 extents fit the inode; beyond, full leaves and
+        index levels are added until the root's 4 slots hold the top level (depth <= 5)."""
         extents: list[tuple[int, int, int]] = []  # logical, phys, len (<= 32768)
         logical = 0
         for phys, count in runs:
@@ -910,34 +983,42 @@ class ExtFilesystem(TreeFilesystem):
         gen = ExtentHeader.unpack(node.base.block).generation
         if len(extents) <= 4:
             return self._extent_node(extents, 4, 0, gen, 60), 0
-        per_leaf = (self.block_size - 12 - (4 if self.metadata_csum else 0)) // 12
-        leaves = [extents[i : i + per_leaf] for i in range(0, len(extents), per_leaf)]
-        if len(leaves) > 4:
-            raise GuestWriteRefusedError(
-                f"the new content would need {len(extents)} extents; vmferry writes depth 1 only"
-            )
+        per_block = (self.block_size - 12 - (4 if self.metadata_csum else 0)) // 12
         goal = (node.ino - 1) // self.sb.inodes_per_group
-        index: list[tuple[int, int, int]] = []
-        for leaf in leaves:
-            ((block, _),) = self._allocate(1, goal)
-            buf = bytearray(self._extent_node(leaf, per_leaf, 0, 0, self.block_size))
-            if self.metadata_csum:
-                tail = 12 + 12 * per_leaf
-                csum = self._extent_block_csum(node, buf[:tail])
-                struct.pack_into("<I", buf, tail, csum)
-            self._write_block(block, buf)
-            index.append((leaf[0][0], block, 0))
-        root = bytearray(ExtentHeader(EXTENT_MAGIC, len(index), 4, 1, gen).pack())
-        for lb, block, _ in index:
-            root += ExtentIndex(lb, block & 0xFFFFFFFF, block >> 32, 0).pack()
-        return bytes(root.ljust(60, b"\0")), len(leaves)
+        level: list[tuple[int, int, int]] = extents  # leaf entries, then (logical, block, 0)
+        depth = 0
+        allocated = 0
+        while len(level) > 4:
+            if depth >= MAX_EXTENT_DEPTH - 1:
+                raise GuestWriteRefusedError(
+                    f"the new content would need {len(extents)} extents; too deep a tree"
+                )
+            upper: list[tuple[int, int, int]] = []
+            for i in range(0, len(level), per_block):
+                group = level[i : i + per_block]
+                ((block, _),) = self._allocate(1, goal)
+                allocated += 1
+                buf = bytearray(self._extent_node(group, per_block, depth, 0, self.block_size))
+                if self.metadata_csum:
+                    tail = 12 + 12 * per_block
+                    struct.pack_into("<I", buf, tail, self._extent_block_csum(node, buf[:tail]))
+                self._write_block(block, buf)
+                upper.append((group[0][0], block, 0))
+            level = upper
+            depth += 1
+        return self._extent_node(level, 4, depth, gen, 60), allocated
 
     def _extent_node(
-        self, extents: list[tuple[int, int, int]], cap: int, depth: int, gen: int, size: int
+        self, entries: list[tuple[int, int, int]], cap: int, depth: int, gen: int, size: int
     ) -> bytes:
-        buf = bytearray(ExtentHeader(EXTENT_MAGIC, len(extents), cap, depth, gen).pack())
-        for lb, phys, n in extents:
-            buf += ExtentLeaf(lb, n, phys >> 32, phys & 0xFFFFFFFF).pack()
+        """One tree node: leaf extents ``(logical, phys, len)`` at depth 0, else index entries
+        ``(logical, child block, 0)``."""
+        buf = bytearray(ExtentHeader(EXTENT_MAGIC, len(entries), cap, depth, gen).pack())
+        for lb, phys, n in entries:
+            if depth == 0:
+                buf += ExtentLeaf(lb, n, phys >> 32, phys & 0xFFFFFFFF).pack()
+            else:
+                buf += ExtentIndex(lb, phys & 0xFFFFFFFF, phys >> 32, 0).pack()
         return bytes(buf.ljust(size, b"\0"))
 
     def _extent_block_csum(self, node: Inode, body: bytes | bytearray) -> int:

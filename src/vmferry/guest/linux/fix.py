@@ -100,21 +100,30 @@ def plan_guest(
     firmware: str | None = None,
     rules: Iterable[str] | None = None,
     naming: str = "uuid",
+    controller: str | None = None,
 ) -> FixPlan:
     """Run the rules (all, or the named ones) against ``guest``; nothing is written.
 
     ``naming``: how rewritten device references name their filesystem: ``uuid`` (default),
     ``label`` (LABEL= where the filesystem has a label, else UUID=) or ``target`` (the device
     name the target's preferred boot controller gives it, e.g. /dev/vda1 on kvm).
+    ``controller``: the boot disk controller the VM will get, one of the target's
+    ``boot_controllers`` (default: its preferred one); its drivers go into the initramfs.
     """
     if naming not in NAMINGS:
         raise UsageError(f"unknown naming {naming!r}", hint="one of: " + ", ".join(NAMINGS))
     profile = get_target(target)
     fw = firmware or detect_firmware(guest)
-    ctx = PlanContext(guest, profile, fw, naming)
+    ctx = PlanContext(guest, profile, fw, naming, controller=controller)
     if fw not in profile.firmware:
         ctx.find("target", "error", f"{profile.name} cannot boot {fw} guests")
         return FixPlan(profile.name, fw, [], ctx.findings)
+    allowed = profile.boot_controllers.get(fw, ())
+    if controller is not None and controller not in allowed:
+        raise UsageError(
+            f"{profile.name} does not boot {fw} guests from {controller!r}",
+            hint="one of: " + ", ".join(allowed),
+        )
     names = list(rules) if rules is not None else list(RULES)
     for name in names:
         if name not in RULES:
@@ -130,16 +139,18 @@ def plan_fixes(
     format: str | None = None,
     firmware: str | None = None,
     naming: str = "uuid",
+    controller: str | None = None,
     **open_kw: Any,
 ) -> tuple[list[Change], list[Finding]]:
     """The changes the rules would make to ``image`` for ``target``, and what they cannot fix."""
+    kw: dict[str, Any] = {"firmware": firmware, "naming": naming, "controller": controller}
     if isinstance(image, (str, os.PathLike)):
         import vmferry
 
         with vmferry.open(image, format, **open_kw) as disk:
-            plan = plan_guest(open_guest(disk), target, firmware=firmware, naming=naming)
+            plan = plan_guest(open_guest(disk), target, **kw)
     else:
-        plan = plan_guest(open_guest(image), target, firmware=firmware, naming=naming)
+        plan = plan_guest(open_guest(image), target, **kw)
     return plan.changes, plan.findings
 
 
@@ -166,23 +177,42 @@ def write_plan(guest: Guest, plan: FixPlan) -> list[str]:
                 hint="nothing was written",
             )
         check()
-        if change.kind == "edit":
-            if fs.stat(inner).kind != "file":
+        if change.kind in ("edit", "append"):
+            st = fs.stat(inner)
+            if st.kind != "file":
                 raise GuestWriteRefusedError(
                     f"{path}: not a regular file", hint="nothing was written"
                 )
+            if change.kind == "append":
+                _check_appendable(gfs.type, fs, path, st.size, change)
         else:
             fs.check_creatable(inner)  # type: ignore[attr-defined]
         steps.append((change, fs, inner))
     for change, fs, inner in steps:
         data = change.after.encode("utf-8", "surrogateescape")
-        if change.kind == "edit":
+        if change.kind == "append":
+            fs.append_file(inner, change.data)  # type: ignore[attr-defined]
+        elif change.kind == "edit":
             fs.write_file(inner, data)  # type: ignore[attr-defined]
         elif change.kind == "create":
             fs.create_file(inner, data, mode=change.mode)  # type: ignore[attr-defined]
         else:
             fs.symlink(inner, change.after)  # type: ignore[attr-defined]
     return [c.path for c, _, _ in steps]
+
+
+def _check_appendable(fs_type: str | None, fs: Any, path: str, size: int, change: Change) -> None:
+    """An append needs the filesystem's ``append_file`` and the size the plan was made for."""
+    if getattr(fs, "append_file", None) is None:
+        raise GuestWriteRefusedError(
+            f"{path}: vmferry cannot append to files on the {fs_type or 'unknown'} filesystem",
+            hint="nothing was written",
+        )
+    if size != change.old_size:
+        raise GuestWriteRefusedError(
+            f"{path}: is {size} bytes, the plan was made for {change.old_size}",
+            hint="nothing was written; plan again",
+        )
 
 
 def apply_fixes(
@@ -199,6 +229,7 @@ def apply_fixes(
     firmware: str | None = None,
     allowed_dirs: Sequence[str | os.PathLike[str]] | None = None,
     naming: str = "uuid",
+    controller: str | None = None,
 ) -> FixResult:
     """Plan and (unless ``dry_run``) apply the fixes; see the module docstring for where to."""
     import vmferry
@@ -210,7 +241,7 @@ def apply_fixes(
     try:
         overlay = Overlay(disk)
         guest = open_guest(overlay)
-        plan = plan_guest(guest, target, firmware=firmware, naming=naming)
+        plan = plan_guest(guest, target, firmware=firmware, naming=naming, controller=controller)
         result = FixResult(plan, in_place=in_place)
         if dry_run or not plan.changes:
             if output is not None and not dry_run:

@@ -37,6 +37,8 @@ MAX_DECOMPRESSED = 4 << 30  # bytes streamed through a decompressor before we gi
 FEED = 1 << 16
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 LZ4_LEGACY_BLOCK = 8 << 20
+MAX_CAPTURE = 1 << 20  # one captured member's content (conf/modules and the like)
+_KINDS = {0o040000: "dir", 0o100000: "file", 0o120000: "symlink"}
 
 _NONZERO = re.compile(rb"[^\0]")
 
@@ -67,6 +69,24 @@ class InitramfsInfo:
     segments: list[Segment] = field(default_factory=list)
     modules: list[str] = field(default_factory=list)  # member paths of kernel modules
     early_microcode: bool = False
+    #: member name (no leading ./ or /) -> dir, file, symlink or other; the last one wins, as
+    #: when the kernel unpacks the archives in order
+    kinds: dict[str, str] = field(default_factory=dict)
+    #: contents of the members asked for with ``capture=`` (the last copy of each)
+    captured: dict[str, bytes] = field(default_factory=dict)
+    #: symlink member -> its target
+    links: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def generator(self) -> str | None:
+        """Which tool built it: ``dracut``, ``initramfs-tools``, or None when unknown."""
+        kinds = self.kinds
+        marks = ("usr/lib/dracut", "lib/dracut", "usr/lib/dracut-lib.sh", "lib/dracut-lib.sh")
+        if any(n in kinds for n in marks):
+            return "dracut"
+        if "scripts/functions" in kinds and "conf/initramfs.conf" in kinds:
+            return "initramfs-tools"
+        return None
 
     @property
     def drivers(self) -> list[str]:
@@ -101,8 +121,18 @@ def is_module_path(name: str) -> bool:
     return name.startswith(("lib/modules/", "usr/lib/modules/")) and name.endswith(MODULE_SUFFIXES)
 
 
-def read_initramfs(blob: bytes) -> InitramfsInfo:
+def member_name(name: str) -> str:
+    """A member name as the kernel resolves it: relative, without ``./``."""
+    while name.startswith(("./", "/")):
+        name = name[1:] if name.startswith("/") else name[2:]
+    return name.rstrip("/")
+
+
+def read_initramfs(blob: bytes, capture: frozenset[str] = frozenset()) -> InitramfsInfo:
     """Walk every archive of an initramfs image held in ``blob``.
+
+    ``capture``: member names (as :func:`member_name` spells them) whose content to keep, up
+    to 1 MiB each, in ``captured``.
 
     A damaged archive raises :class:`CorruptGuestError` (or :class:`GuestLimitError`); an
     archive compressed with something we cannot decompress ends the walk with status
@@ -118,7 +148,7 @@ def read_initramfs(blob: bytes) -> InitramfsInfo:
             seg = Segment(pos, "none")
             info.segments.append(seg)
             src = _BytesSource(blob, pos)
-            _parse_cpio(src, seg, info)
+            _parse_cpio(src, seg, info, capture)
             pos = src.pos
             continue
         kind = next((k for m, k in _COMPRESSION_MAGICS if blob.startswith(m, pos)), "unknown")
@@ -131,7 +161,7 @@ def read_initramfs(blob: bytes) -> InitramfsInfo:
         stream = _ChunkSource(chunks)
         try:
             while stream.skip_zeros():
-                _parse_cpio(stream, seg, info)
+                _parse_cpio(stream, seg, info, capture)
             end = stream.end_offset()
         except (zlib.error, lzma.LZMAError, OSError, EOFError, ValueError) as exc:
             raise CorruptGuestError(
@@ -226,7 +256,12 @@ class _ChunkSource:
         return self.end
 
 
-def _parse_cpio(src: _BytesSource | _ChunkSource, seg: Segment, info: InitramfsInfo) -> None:
+def _parse_cpio(
+    src: _BytesSource | _ChunkSource,
+    seg: Segment,
+    info: InitramfsInfo,
+    capture: frozenset[str] = frozenset(),
+) -> None:
     """Read members up to the TRAILER!!! entry, recording kernel-module paths."""
     consumed = 0
     while True:
@@ -256,8 +291,20 @@ def _parse_cpio(src: _BytesSource | _ChunkSource, seg: Segment, info: InitramfsI
             info.modules.append(name)
         if name.startswith("kernel/x86/microcode/") and seg.compression == "none":
             info.early_microcode = True
+        clean = member_name(name)
+        if clean:
+            info.kinds[clean] = _KINDS.get(fields[1] & 0o170000, "other")
         padded = filesize + (-filesize % 4)
-        if src.skip(padded) < padded:
+        is_link = fields[1] & 0o170000 == 0o120000 and filesize <= MAX_NAME
+        if (clean in capture or is_link) and filesize <= MAX_CAPTURE:
+            data = src.read(filesize)
+            if len(data) < filesize or src.skip(padded - filesize) < padded - filesize:
+                raise CorruptGuestError(f"cpio member {name!r} runs past the end of the archive")
+            if is_link:
+                info.links[clean] = data.decode("utf-8", "surrogateescape")
+            if clean in capture:
+                info.captured[clean] = data
+        elif src.skip(padded) < padded:
             raise CorruptGuestError(f"cpio member {name!r} runs past the end of the archive")
         consumed += HEADER + namesize + padded
 

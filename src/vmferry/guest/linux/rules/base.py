@@ -3,7 +3,8 @@
 A rule reads the guest through :class:`PlanContext`, which shows it the files as earlier rules
 have already planned them (two rules may edit one file: ``/etc/default/grub`` holds both
 ``root=`` and ``resume=``).  A rule returns :class:`Change` records (whole-file before/after
-texts, so ``diff()`` is exact) and :class:`Finding` records for what it will not change safely.
+texts, so ``diff()`` is exact; or, for binary files, bytes appended with a one-line summary)
+and :class:`Finding` records for what it will not change safely.
 Rules never write: :func:`vmferry.guest.linux.fix.apply_fixes` does, all or nothing.
 """
 
@@ -21,7 +22,9 @@ from vmferry.vm.targets import TargetProfile
 @dataclass(frozen=True)
 class Change:
     """One planned file operation.  ``kind``: ``edit`` (before → after), ``create`` (a new file
-    with content ``after``) or ``symlink`` (a new symlink whose target is ``after``)."""
+    with content ``after``), ``symlink`` (a new symlink whose target is ``after``) or
+    ``append`` (binary: ``data`` appended to a file of ``old_size`` bytes; ``before`` and
+    ``after`` stay empty and ``summary`` says what the bytes are)."""
 
     rule: str
     path: str
@@ -30,11 +33,22 @@ class Change:
     why: str
     kind: str = "edit"
     mode: int = 0o644
+    data: bytes = field(default=b"", repr=False)
+    old_size: int = 0
+    summary: str = ""
 
     def diff(self) -> str:
-        """A unified diff of this change (``a/`` and ``b/`` prefixes like git)."""
+        """A unified diff of this change (``a/`` and ``b/`` prefixes like git); an append is
+        a summary line: sizes before and after, and what was added."""
         if self.kind == "symlink":
             return f"--- /dev/null\n+++ b{self.path}\n@@ symlink @@\n+-> {self.after}\n"
+        if self.kind == "append":
+            new = self.old_size + len(self.data)
+            return (
+                f"--- a{self.path}\n+++ b{self.path}\n"
+                f"@@ binary: {self.old_size} -> {new} bytes (+{len(self.data)} appended) @@\n"
+                f"+{self.summary}\n"
+            )
         return "".join(
             difflib.unified_diff(
                 self.before.splitlines(keepends=True),
@@ -44,14 +58,21 @@ class Change:
             )
         )
 
-    def to_json(self) -> dict[str, str]:
-        return {
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {
             "rule": self.rule,
             "path": self.path,
             "kind": self.kind,
             "why": self.why,
             "diff": self.diff(),
         }
+        if self.kind == "append":
+            out.update(
+                summary=self.summary,
+                size_before=self.old_size,
+                size_after=self.old_size + len(self.data),
+            )
+        return out
 
 
 @dataclass(frozen=True)
@@ -71,9 +92,17 @@ class PlanContext:
     target: TargetProfile
     firmware: str  # bios | uefi
     naming: str = "uuid"  # uuid | label (LABEL= where there is one) | target (its /dev names)
+    #: the boot disk controller the VM will get (None: the target's preferred one); the
+    #: initramfs rule adds this controller's drivers
+    controller: str | None = None
     changes: list[Change] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     _pending: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def boot_controller(self) -> str:
+        """The controller the guest's root disk will sit on."""
+        return self.controller or self.target.preferred_boot_controller(self.firmware)
 
     def read(self, path: str) -> str | None:
         """The file as planned so far (None when the guest has no such file)."""
@@ -104,6 +133,20 @@ class PlanContext:
             return
         self.changes.append(Change(rule, path, "", target, why, "symlink"))
         self._pending[path] = target
+
+    def append(
+        self, rule: str, path: str, data: bytes, old_size: int, summary: str, why: str
+    ) -> None:
+        """Plan appending ``data`` to the existing binary file ``path`` (``old_size`` bytes now).
+
+        Binary files are not text: rules never read them back through :meth:`read`.
+        """
+        if not data or any(c.path == path for c in self.changes):
+            return
+        self.changes.append(
+            Change(rule, path, "", "", why, "append", data=data, old_size=old_size,
+                   summary=summary)
+        )  # fmt: skip
 
     def lexists(self, path: str) -> bool:
         """True when ``path`` exists as anything, a dangling symlink included."""
