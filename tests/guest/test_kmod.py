@@ -38,11 +38,44 @@ def source_tree() -> tuple[Path, str]:
     env = os.environ.get("VMFERRY_TEST_MODULES")
     candidates = [Path(env)] if env else sorted(Path("/lib/modules").glob("*"), reverse=True)
     for moddir in candidates:
-        if (moddir / "modules.dep").is_file() and any(
-            moddir.glob("kernel/drivers/block/virtio_blk.ko*")
-        ):
+        if _usable(moddir):
             return moddir, moddir.name
+    moddir = _guest_kernel_modules()
+    if moddir is not None:
+        return moddir, moddir.name
     pytest.skip("no kernel module tree with virtio_blk here (set VMFERRY_TEST_MODULES)")
+
+
+def _usable(moddir: Path) -> bool:
+    return (moddir / "modules.dep").is_file() and any(
+        moddir.glob("kernel/drivers/block/virtio_blk.ko*")
+    )
+
+
+def _guest_kernel_modules() -> Path | None:
+    """The Debian guest kernel's module tree, from the boot tests' cached debootstrap (built
+    here if missing: CI has no kernel of its own in /lib/modules, but builds that guest)."""
+    from tests.bootkit.guest import _locked, _rootfs_tarball, cache_dir, missing_build_tools
+
+    if missing_build_tools():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot build the guest kernel tree: missing {missing_build_tools()}")
+        return None
+    tarball = _rootfs_tarball()
+    dest = cache_dir() / f"modules-{tarball.stem}"
+    with _locked(cache_dir() / f"modules-{tarball.stem}.lock"):
+        if not dest.is_dir():
+            part = dest.with_name(f".{dest.name}.tmp")
+            shutil.rmtree(part, ignore_errors=True)
+            part.mkdir()
+            subprocess.run(
+                ["tar", "-C", str(part), "-xf", str(tarball), "./usr/lib/modules"],
+                check=True,
+                capture_output=True,
+            )
+            os.replace(part, dest)
+    trees = [d for d in sorted((dest / "usr/lib/modules").glob("*"), reverse=True) if _usable(d)]
+    return trees[0] if trees else None
 
 
 def show_depends(root: Path, version: str, name: str) -> list[str]:
