@@ -524,6 +524,10 @@ class FatFilesystem(TreeFilesystem):
         _, grow = self._place(parent, slots, path)
         self._refuse_full(-(-size // self.geo.cluster_size) + grow, path)
 
+    def check_create_file(self, path: str, data: bytes) -> None:
+        """``check_creatable`` for this content (the fix writer's content check)."""
+        self.check_creatable(path, len(data))
+
     def _new_entry_target(self, path: str) -> tuple[FatNode, str, bytes]:
         self.check_writable()
         parent_path, _, name = path.rstrip("/").rpartition("/")

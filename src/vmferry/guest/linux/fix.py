@@ -187,6 +187,7 @@ def write_plan(guest: Guest, plan: FixPlan) -> list[str]:
                 _check_appendable(gfs.type, fs, path, st.size, change)
         else:
             fs.check_creatable(inner)  # type: ignore[attr-defined]
+        _check_content_fits(fs, inner, change)
         steps.append((change, fs, inner))
     for change, fs, inner in steps:
         data = change.after.encode("utf-8", "surrogateescape")
@@ -199,6 +200,25 @@ def write_plan(guest: Guest, plan: FixPlan) -> list[str]:
         else:
             fs.symlink(inner, change.after)  # type: ignore[attr-defined]
     return [c.path for c, _, _ in steps]
+
+
+#: per change kind, the optional method a filesystem offers to refuse content that will not
+#: fit (no space, allocation it cannot do) before anything is written
+_CONTENT_CHECKS = {
+    "edit": "check_write_file",
+    "append": "check_append_file",
+    "create": "check_create_file",
+}
+
+
+def _check_content_fits(fs: Any, inner: str, change: Change) -> None:
+    check = getattr(fs, _CONTENT_CHECKS.get(change.kind, ""), None)
+    if check is None:
+        return
+    if change.kind == "append":
+        check(inner, change.data)
+    else:
+        check(inner, change.after.encode("utf-8", "surrogateescape"))
 
 
 def _check_appendable(fs_type: str | None, fs: Any, path: str, size: int, change: Change) -> None:
