@@ -52,3 +52,12 @@ def test_fix_needs_a_destination(tmp_path: Path) -> None:
     img.write_bytes(bytes(1 << 20))
     r = CliRunner().invoke(cli, ["fix", str(img), "--target", "kvm"])
     assert r.exit_code == 64 and "say where" in r.output
+
+
+def test_fix_refuses_a_controller_the_target_does_not_boot_from(tmp_path: Path) -> None:
+    disk = build_guest_disk(tmp_path, vmware_root(tmp_path))
+    r = CliRunner().invoke(
+        cli, ["fix", str(disk.img), "--target", "hyperv", "--controller", "nvme", "--dry-run"]
+    )
+    assert r.exit_code == 64, r.output
+    assert "nvme" in r.output

@@ -83,6 +83,11 @@ def inspect_cmd(
     default="uuid",
     help="How rewritten device references name filesystems.",
 )
+@click.option(
+    "--controller",
+    help="Boot controller the guest will use on TARGET (default: the target's preferred one); "
+    "its drivers are added to the initramfs when missing.",
+)
 @click.option("-f", "fmt", help="Image format (default: probed).")
 @click.option("--allow-dir", "allow_dirs", multiple=True, type=click.Path(file_okay=False))
 @json_option
@@ -96,6 +101,7 @@ def fix_cmd(
     in_place: bool,
     dry_run: bool,
     naming: str,
+    controller: str | None,
     fmt: str | None,
     allow_dirs: tuple[str, ...],
     as_json: bool,
@@ -119,6 +125,7 @@ def fix_cmd(
         options=parse_options(opts),
         allowed_dirs=list(allow_dirs) or None,
         naming=naming,
+        controller=controller,
     )
     with result:
         plan = result.plan
