@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from vmferry.fsutil import sync_dir, write_file_atomic
+
 _MAX_JOURNAL = 1 << 20
 
 
@@ -24,17 +26,7 @@ def journal_path(parent: str | os.PathLike[str]) -> Path:
 
 def write_journal(parent: str | os.PathLike[str], record: dict[str, Any]) -> Path:
     path = journal_path(parent)
-    tmp = path.with_name(path.name + ".tmp")
-    data = json.dumps(record, indent=1).encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _sync_dir(path.parent)
-    return path
+    return write_file_atomic(path, json.dumps(record, indent=1).encode())
 
 
 def read_journal(parent: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -53,7 +45,7 @@ def remove_journal(parent: str | os.PathLike[str]) -> None:
         os.unlink(journal_path(parent))
     except FileNotFoundError:
         return
-    _sync_dir(journal_path(parent).parent)
+    sync_dir(journal_path(parent).parent)
 
 
 def tolerated_mismatch(
@@ -69,11 +61,3 @@ def tolerated_mismatch(
     if before and before == {k: str(v).lower() for k, v in pinned.items()}:
         return record
     return None
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

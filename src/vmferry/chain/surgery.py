@@ -13,6 +13,7 @@ from vmferry.chain.open import open_chain, open_layer
 from vmferry.chain.resolve import identity_mismatches
 from vmferry.disk import Alloc, DiskFormat, ParentInfo
 from vmferry.errors import ParentMismatchError, UnsafeOperationError, UsageError
+from vmferry.fsutil import sync_dir
 
 #: folder levels below an image searched for its children (Hyper-V 2008: Snapshots/<guid>/)
 CHILD_SEARCH_DEPTH = 2
@@ -176,7 +177,7 @@ def _write_note(image: Path, record: dict[str, Any]) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, note)
-    _sync_dir(note.parent)
+    sync_dir(note.parent)
 
 
 def _read_note(image: Path) -> dict[str, str]:
@@ -195,15 +196,7 @@ def _remove_note(image: Path) -> None:
         os.unlink(_note_path(image))
     except FileNotFoundError:
         return
-    _sync_dir(image.parent)
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    sync_dir(image.parent)
 
 
 def _pin_state(child: DiskFormat, parent: DiskFormat, note: dict[str, str]) -> str:

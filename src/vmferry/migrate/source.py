@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from vmferry.chain import Chain, open_chain
+from vmferry.chain.resolve import is_inside
 from vmferry.errors import ConfigError, UsageError, VmferryError
 from vmferry.vm.model import Disk, VmModel
 
@@ -313,7 +314,7 @@ def locate_disk(stored: str, config: Path, root: Path, extra: list[Path]) -> Pat
         direct = Path(text) if os.path.isabs(text) else config.parent / text
         direct = Path(os.path.abspath(direct))
         if direct.is_file():
-            if _inside(direct, roots):
+            if is_inside(direct, roots):
                 return direct
             outside = direct
     name = host_name(stored)
@@ -334,15 +335,6 @@ def locate_disk(stored: str, config: Path, root: Path, extra: list[Path]) -> Pat
         path=str(config),
         hint="copy it beside the config, or name its folder with --allow-dir DIR",
     )
-
-
-def _inside(path: Path, roots: list[Path]) -> bool:
-    real = os.path.realpath(path)
-    for r in roots:
-        base = os.path.realpath(r)
-        if real == base or real.startswith(base.rstrip(os.sep) + os.sep):
-            return True
-    return False
 
 
 def _walk(base: Path) -> list[Path]:

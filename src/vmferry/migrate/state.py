@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vmferry.errors import UsageError
+from vmferry.fsutil import write_file_atomic
 
 STATE_NAME = ".vmferry-migrate.json"
 VERSION = 1
@@ -64,21 +65,7 @@ def load(outdir: Path) -> dict[str, Any] | None:
 def save(outdir: Path, state: dict[str, Any]) -> None:
     """Write the state under a temporary name, sync, rename: a kill leaves the old or new one."""
     state["version"] = VERSION
-    final = outdir / STATE_NAME
-    tmp = outdir / f"{STATE_NAME}.tmp"
-    data = json.dumps(state, indent=2, sort_keys=True).encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, final)
-    dfd = os.open(outdir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_file_atomic(outdir / STATE_NAME, json.dumps(state, indent=2, sort_keys=True).encode())
 
 
 def file_stamp(path: Path) -> dict[str, int]:

@@ -14,6 +14,7 @@ from types import TracebackType
 
 from vmferry.disk.blockfile import BlockFile
 from vmferry.errors import UsageError
+from vmferry.fsutil import sync_dir
 
 
 class AtomicOutput:
@@ -59,11 +60,7 @@ class AtomicOutput:
         self.committed = True
         if not self.durable:
             return
-        dfd = os.open(self.final.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        sync_dir(self.final.parent)
         self.committed = True
 
     def __exit__(

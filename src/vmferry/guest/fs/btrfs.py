@@ -64,21 +64,12 @@ from vmferry.guest.fs.btrfs_layout import (
 )
 from vmferry.guest.fs.btrfs_volume import BtrfsVolume, Tree
 from vmferry.guest.fs.tree import MAX_FILE_READ, MAX_PATH, TreeFilesystem
-from vmferry.guest.fs.types import DirEntry, GuestFileNotFound, Stat
+from vmferry.guest.fs.types import DirEntry, GuestFileNotFound, Stat, kind_of_mode
 from vmferry.guest.overlay import ReadableDisk
 
 MAX_DIR_ENTRIES = 1 << 20
 MAX_SUBVOLUMES = 1 << 16
 MAX_PATH_DEPTH = 1024
-_KINDS = {
-    _stat.S_IFREG: "file",
-    _stat.S_IFDIR: "dir",
-    _stat.S_IFLNK: "symlink",
-    _stat.S_IFCHR: "chr",
-    _stat.S_IFBLK: "blk",
-    _stat.S_IFIFO: "fifo",
-    _stat.S_IFSOCK: "sock",
-}
 
 
 @dataclass(frozen=True)
@@ -100,7 +91,7 @@ class BtrfsInode:
 
     @property
     def kind(self) -> str:
-        return _KINDS.get(self.item.mode & 0o170000, "unknown")
+        return kind_of_mode(self.item.mode)
 
 
 _EMPTY_DIR = InodeItem(mode=_stat.S_IFDIR | 0o755, nlink=1)

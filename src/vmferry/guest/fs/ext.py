@@ -77,7 +77,7 @@ from vmferry.guest.fs.ext_layout import (
     feature_names,
 )
 from vmferry.guest.fs.tree import MAX_FILE_READ, MAX_PATH, TreeFilesystem
-from vmferry.guest.fs.types import DirEntry, Stat
+from vmferry.guest.fs.types import DirEntry, Stat, kind_of_mode
 from vmferry.guest.overlay import ReadableDisk
 
 ROOT_INO = 2
@@ -107,16 +107,7 @@ class Inode:
 
     @property
     def kind(self) -> str:
-        fmt = self.mode & S_IFMT
-        return {
-            _stat.S_IFREG: "file",
-            _stat.S_IFDIR: "dir",
-            _stat.S_IFLNK: "symlink",
-            _stat.S_IFCHR: "chr",
-            _stat.S_IFBLK: "blk",
-            _stat.S_IFIFO: "fifo",
-            _stat.S_IFSOCK: "sock",
-        }.get(fmt, "unknown")
+        return kind_of_mode(self.mode)
 
 
 @dataclass

@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import stat as _stat
 from dataclasses import dataclass
 from typing import Protocol
 
 from vmferry.errors import GuestFileNotFoundError
+
+#: POSIX file-type bits of an inode mode → the ``kind`` names of DirEntry and Stat
+_KIND_BY_TYPE = {
+    _stat.S_IFREG: "file",
+    _stat.S_IFDIR: "dir",
+    _stat.S_IFLNK: "symlink",
+    _stat.S_IFCHR: "chr",
+    _stat.S_IFBLK: "blk",
+    _stat.S_IFIFO: "fifo",
+    _stat.S_IFSOCK: "sock",
+}
+
+
+def kind_of_mode(mode: int) -> str:
+    """The kind of file an inode ``mode`` says it is (ext, XFS and btrfs share the encoding)."""
+    return _KIND_BY_TYPE.get(mode & 0o170000, "unknown")
 
 
 class GuestFileNotFound(GuestFileNotFoundError):

@@ -108,6 +108,7 @@ class InitramfsInfo:
 
 
 def module_name(path: str) -> str:
+    """``kernel/drivers/block/virtio_blk.ko.xz`` → ``virtio_blk`` (dashes become underscores)."""
     base = path.rsplit("/", 1)[-1]
     for suffix in MODULE_SUFFIXES:
         if base.endswith(suffix):

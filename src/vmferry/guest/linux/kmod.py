@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from vmferry.errors import GuestError
 from vmferry.guest.errors import CorruptGuestError, GuestLimitError
+from vmferry.guest.linux.initramfs import MODULE_SUFFIXES, module_name
 
 try:
     import zstandard as _zstd
@@ -41,7 +42,6 @@ NODE_CHILDS = 0x20000000
 NODE_MASK = 0x0FFFFFFF
 MAX_KEY = 4096
 MAX_MODULE = 64 << 20  # decompressed size of one .ko
-MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 
 
 class DriverInjectionError(GuestError):
@@ -49,16 +49,6 @@ class DriverInjectionError(GuestError):
 
 
 # --- names ------------------------------------------------------------------------------------
-
-
-def module_name(path: str) -> str:
-    """``kernel/drivers/block/virtio_blk.ko.xz`` → ``virtio_blk`` (dashes become underscores)."""
-    base = path.rsplit("/", 1)[-1]
-    for suffix in MODULE_SUFFIXES:
-        if base.endswith(suffix):
-            base = base[: -len(suffix)]
-            break
-    return base.replace("-", "_")
 
 
 def normalize_alias(alias: str) -> str:
