@@ -6,9 +6,10 @@ data blocks are read: the hash indexes are not needed to list a directory), loca
 symlinks.  Everything is big-endian.  Reading does not check the log (an unclean log means what
 we read may be stale, as with any offline reader); writing does.
 
-Writing is narrow and lives in its own modules: :mod:`.xfs_write` rewrites a file inside the
-blocks it owns, :mod:`.xfs_create` adds inline symlinks and empty files, :mod:`.xfs_log` decides
-whether the log is clean.  Not done: realtime files, block allocation.
+Writing lives in its own modules: :mod:`.xfs_write` rewrites or extends a file (new blocks from
+:mod:`.xfs_alloc` when it outgrows the ones it owns), :mod:`.xfs_create` adds inline symlinks
+and regular files, :mod:`.xfs_log` decides whether the log is clean.  Not done: realtime files,
+allocation on reverse-mapping (rmapbt) filesystems.
 """
 
 from __future__ import annotations
@@ -349,11 +350,11 @@ class XfsFilesystem(TreeFilesystem):
         xfs_write.plan_rewrite(self, path, data)
 
     def write_file(self, path: str, data: bytes) -> None:
-        """Replace an existing regular file's content; it must fit the blocks the file owns."""
+        """Replace an existing regular file's content (new blocks allocated when it grows)."""
         xfs_write.write_file(self, path, data)
 
     def append_file(self, path: str, data: bytes) -> None:
-        """Append to an existing regular file; it must fit the blocks the file owns."""
+        """Append to an existing regular file (new blocks allocated past the ones it owns)."""
         xfs_write.write_file(self, path, data, append=True)
 
     def check_append_file(self, path: str, data: bytes) -> None:
@@ -365,13 +366,13 @@ class XfsFilesystem(TreeFilesystem):
         xfs_create.check_create(self, path)
 
     def check_create_file(self, path: str, data: bytes) -> None:
-        """Raise the refusal ``create_file(path, data)`` would get (content is refused)."""
+        """Raise the refusal ``create_file(path, data)`` would get (its blocks included)."""
         xfs_create.check_create(self, path, "file", data)
 
     def create_file(
         self, path: str, data: bytes, *, mode: int = 0o644, uid: int = 0, gid: int = 0
     ) -> int:
-        """A new regular file; only empty ones (content would need block allocation)."""
+        """A new regular file holding ``data`` (its blocks allocated like a growing file's)."""
         return xfs_create.create(self, path, "file", data, mode, uid, gid)
 
     def symlink(self, path: str, target: str, *, uid: int = 0, gid: int = 0) -> int:

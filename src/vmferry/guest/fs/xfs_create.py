@@ -1,4 +1,4 @@
-"""New XFS symlinks whose target fits the inode (what masking a systemd unit needs).
+"""New XFS symlinks whose target fits the inode (what masking a systemd unit needs) and files.
 
 Why this much and no more: the ``tools`` fix rule masks units with
 ``/etc/systemd/system/UNIT -> /dev/null``.  Such a symlink keeps its target inside the inode
@@ -13,6 +13,10 @@ Everything is planned and checked before the first write; anything outside that 
 (no free inode in any existing chunk, a directory in leaf or node form, a short-form directory
 that would have to become a block, a B+tree change that is more than editing one leaf,
 ASCII-CI names, quota accounting) is refused with the reason and nothing written.
+
+A regular file with content is created empty, then written by :func:`xfs_write.write_file`
+(new blocks from :mod:`.xfs_alloc`); the allocation is planned before the inode is taken, so a
+refusal still comes before the first write.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vmferry.guest.errors import CorruptGuestError, GuestLimitError, GuestWriteRefusedError
+from vmferry.guest.fs import xfs_alloc, xfs_rmap
 from vmferry.guest.fs.xfs_layout import (
     DIFLAG2_BIGTIME,
     DINODE_V3_CRC,
@@ -34,9 +39,12 @@ from vmferry.guest.fs.xfs_layout import (
 )
 from vmferry.guest.fs.xfs_write import (
     INCOMPAT_META_UUID,
+    MAX_WRITE,
     check_writable,
     inode_touched,
+    merged_extents,
     timestamp,
+    write_file,
 )
 
 if TYPE_CHECKING:
@@ -75,12 +83,18 @@ def create(
     fs: XfsFilesystem, path: str, kind: str, payload: bytes, mode: int = 0o644, uid: int = 0,
     gid: int = 0,
 ) -> int:  # fmt: skip
-    """Create ``path``: a ``symlink`` to ``payload`` or an empty ``file``; returns its inode."""
+    """Create ``path``: a ``symlink`` to ``payload`` or a ``file`` holding it; returns its inode.
+
+    A file's content is written by :func:`xfs_write.write_file` once the empty file exists;
+    its allocation was already planned (and would have been refused) before the first write.
+    """
     plan, ino = _plan_new(fs, path, kind, payload, mode, uid, gid)
     dev: WritableDisk = fs.dev  # type: ignore[assignment]  # check_writable saw .write
     for offset, data in plan.writes:
         dev.write(offset, data)
     fs._dir_cache.clear()
+    if kind == "file" and payload:
+        write_file(fs, path, payload)
     return ino
 
 
@@ -105,8 +119,7 @@ def _plan_new(
     literal = sb.inodesize - (CORE_SIZE_V3 if fs.v5 else CORE_SIZE_V2)
     if kind == "symlink" and not 0 < len(payload) <= literal:
         raise _refuse(path, f"a {len(payload)}-byte target does not fit inside the inode")
-    if kind == "file" and payload:
-        raise _refuse(path, "a file with content needs blocks, and vmferry does not allocate them")
+    content, payload = (payload, b"") if kind == "file" else (b"", payload)
     parent_path, _, name = path.rstrip("/").rpartition("/")
     raw_name = name.encode("utf-8", "surrogateescape")
     if not 0 < len(raw_name) <= 255 or name in (".", "..") or b"\0" in raw_name:
@@ -126,7 +139,31 @@ def _plan_new(
         imode, fmt = _stat.S_IFREG | (mode & 0o7777), FMT_EXTENTS
     # the new inode goes first: the entry and counts written after it point at a whole inode
     plan.writes.insert(0, _new_inode(fs, ino, imode, fmt, payload, uid, gid))
+    if content:
+        _check_content(fs, ino, content, literal, path)
     return plan, ino
+
+
+def _check_content(fs: XfsFilesystem, ino: int, content: bytes, literal: int, path: str) -> None:
+    """Refuse now what writing ``content`` into the new inode ``ino`` would refuse later.
+
+    Creating the inode touches no free-space structure, so the allocation planned here (and
+    thrown away) is exactly the one the write after the creation will make.
+    """
+    if len(content) > MAX_WRITE:
+        raise _refuse(path, f"{len(content)} bytes is over {MAX_WRITE}")
+    sb = fs.sb
+    need = -(-len(content) // sb.blocksize)
+    home_ag = ino >> (sb.agblklog + sb.inopblog)
+
+    def rmap(trial: xfs_alloc.Buffers, pieces: list[tuple[int, int]]) -> None:
+        if xfs_alloc.has_rmapbt(fs):
+            xfs_rmap.record_growth(fs, trial, ino, [], merged_extents([], 0, pieces))
+
+    pieces = xfs_alloc.allocate(fs, xfs_alloc.Buffers(fs), need, None, home_ag, path, rmap)
+    records = len(merged_extents([], 0, pieces))
+    if records * 16 > literal:
+        raise _refuse(path, f"its content would need {records} extents, more than the inode holds")
 
 
 # --- the new inode ------------------------------------------------------------------------------

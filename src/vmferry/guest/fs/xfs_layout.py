@@ -119,6 +119,13 @@ def bmbt_rec(buf: bytes, at: int) -> tuple[int, int, int, bool]:
     return startoff, startblock, count, unwritten
 
 
+def bmbt_pack(startoff: int, startblock: int, count: int, unwritten: bool) -> bytes:
+    """One data fork extent record (the inverse of :func:`bmbt_rec`)."""
+    l0 = (int(unwritten) << 63) | (startoff << 9) | (startblock >> 43)
+    l1 = ((startblock & ((1 << 43) - 1)) << 21) | count
+    return struct.pack(">QQ", l0, l1)
+
+
 def bits(mask: int) -> list[int]:
     return [1 << i for i in range(32) if mask & (1 << i)]
 

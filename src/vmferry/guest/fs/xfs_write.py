@@ -1,19 +1,22 @@
-"""XFS writes in place: new content for a file, inside the blocks the file already owns.
+"""XFS file content: rewritten inside the blocks the file owns, extended into new ones.
 
-Why only in place: the fix rules rewrite small configuration files (fstab, grub.cfg) whose new
+Why in place first: the fix rules rewrite small configuration files (fstab, grub.cfg) whose new
 content is a few bytes longer or shorter than the old, and XFS gives every regular file at least
 one whole block.  Rewriting data inside the file's own extents and changing ``di_size`` touches
-no allocation structure at all (free-space, inode, reverse-mapping and reference-count B+trees,
-AG headers and the superblock stay as they are), so there is nothing to get half right.
-Blocks past the new end of file stay allocated to the file: XFS allows that (speculative
-preallocation leaves the same shape) and ``xfs_repair`` accepts it.
+no allocation structure at all, so there is nothing to get half right.  Blocks past the new end
+of file stay allocated to the file: XFS allows that (speculative preallocation leaves the same
+shape) and ``xfs_repair`` accepts it.  Content past the last block the file owns (an initramfs
+growing by an appended driver archive) gets new blocks from :mod:`.xfs_alloc`, added to the
+inode's in-inode extent list.
 
-What is refused, before anything is written (``GuestWriteRefusedError`` with the reason): content
-that needs a block the file does not own (growth past its allocation, a hole, an unwritten
-extent), realtime, immutable/append-only and reflinked files (their blocks may be shared),
-version 1 inodes, unknown feature bits and log-incompat bits (items only a dirty log holds),
-and a log that is not known to be clean (:mod:`vmferry.guest.fs.xfs_log`).  New entries are
-:mod:`vmferry.guest.fs.xfs_create`'s job.
+What is refused, before anything is written (``GuestWriteRefusedError`` with the reason):
+content over a hole or an unwritten extent, growth that cannot be allocated (see
+:mod:`.xfs_alloc`) or would overflow the in-inode extent list, growth of a file whose extent map
+is a B+tree, realtime, immutable/append-only files, files sharing blocks (reflink flag and a
+record in the reference-count B+tree: :mod:`.xfs_refcount`), version 1 inodes, unknown feature
+bits and log-incompat bits (items only a dirty log holds), and a log that is not known to be
+clean (:mod:`vmferry.guest.fs.xfs_log`). New entries are :mod:`vmferry.guest.fs.xfs_create`'s
+job.
 
 v5 (CRC) inodes are verified before and checksummed after the rewrite; ``di_changecount`` is
 bumped, ``di_lsn`` is left alone (no log record describes this change, and a clean log is never
@@ -27,6 +30,7 @@ import time
 from typing import TYPE_CHECKING
 
 from vmferry.guest.errors import CorruptGuestError, GuestWriteRefusedError
+from vmferry.guest.fs import xfs_alloc, xfs_refcount, xfs_rmap
 from vmferry.guest.fs.xfs_layout import (
     BIGTIME_EPOCH_OFFSET,
     DIFLAG2_BIGTIME,
@@ -44,6 +48,7 @@ from vmferry.guest.fs.xfs_layout import (
     RO_COMPAT,
     VERSION_BITS,
     DinodeV3,
+    bmbt_pack,
     cksum_ok,
     names,
     set_cksum,
@@ -62,8 +67,10 @@ VERSION_BITS_WRITE_OK = {
 }  # fmt: skip
 FEATURES2_WRITE_OK = {"lazysbcount", "attr2", "projid32", "crc", "ftype"}
 INCOMPAT_META_UUID = 0x4
-MAX_WRITE = 64 << 20  # configuration files, not disk images
+RO_COMPAT_REFLINK = 0x4
+MAX_WRITE = 256 << 20  # configuration files and initramfs archives, not disk images
 CORE_SIZE, CORE_MTIME, CORE_CTIME, CORE_SIZE_AT = 96, 40, 48, 56
+CORE_NBLOCKS, CORE_NEXTENTS = 64, 76
 _REFUSED = "nothing was written"
 
 
@@ -125,9 +132,11 @@ def plan_rewrite(
     node = fs.resolve(path)
     if node.kind != "file":
         raise GuestWriteRefusedError(f"{path}: not a regular file", hint=_REFUSED)
-    _check_inode(fs, node, path)
+    reflinked = _check_inode(fs, node, path)
     bs = fs.block_size
     extents = _checked_extents(fs, node, path)
+    if reflinked:  # the flag outlives the sharing (dracut's cp --reflink=auto): look
+        xfs_refcount.check_unshared(fs, extents, path)
     first = node.core.size // bs if append else 0  # first file block written
     payload = data
     if append:
@@ -153,8 +162,75 @@ def plan_rewrite(
         writes.append((fs._fsb_offset(fsb + skip), chunk.ljust(n * bs, b"\0")))
         covered += n
     if covered < need:
-        raise _no_room(path, new_size, f"its blocks stop at byte {covered * bs}")
+        return _grown(fs, node, path, extents, payload, first, covered, need, writes, new_size)
     return node, writes, _rewritten_inode(node, new_size)
+
+
+def _grown(
+    fs: XfsFilesystem, node: XfsInode, path: str, extents: list[tuple[int, int, int, bool]],
+    payload: bytes, first: int, covered: int, need: int, writes: list[tuple[int, bytes]],
+    new_size: int,
+) -> tuple[XfsInode, list[tuple[int, bytes]], bytes]:  # fmt: skip
+    """The plan when file blocks ``[covered, need)`` must be allocated (past every extent)."""
+    bs = fs.block_size
+    if node.core.format != FMT_EXTENTS:
+        raise _no_room(
+            path, new_size, "its extent map is a B+tree, and vmferry only extends in-inode maps"
+        )
+    count = need - covered
+    sb = fs.sb
+    goal = extents[-1][1] + extents[-1][2] if extents else None
+    home_ag = node.ino >> (sb.agblklog + sb.inopblog)
+    bufs = xfs_alloc.Buffers(fs)
+
+    def rmap(trial: xfs_alloc.Buffers, pieces: list[tuple[int, int]]) -> None:
+        if xfs_alloc.has_rmapbt(fs):  # who owns the new blocks, for the reverse-mapping B+tree
+            xfs_rmap.record_growth(
+                fs, trial, node.ino, extents, merged_extents(extents, covered, pieces)
+            )
+
+    pieces = xfs_alloc.allocate(fs, bufs, count, goal, home_ag, path, rmap)
+    recs = merged_extents(extents, covered, pieces)
+    pos = covered
+    for fsb, n in pieces:
+        chunk = payload[(pos - first) * bs : (pos - first + n) * bs]
+        writes.append((fs._fsb_offset(fsb), chunk.ljust(n * bs, b"\0")))
+        pos += n
+    if len(recs) * 16 > len(node.fork):
+        raise _no_room(
+            path, new_size, f"{len(recs)} extents would overflow the inode (a B+tree extent map "
+            "would be needed)",
+        )  # fmt: skip
+    raw = bytearray(node.raw)
+    start = 176 if node.core.version == 3 else 100  # the data fork opens the literal area
+    fork = b"".join(bmbt_pack(*r) for r in recs)
+    raw[start : start + len(node.fork)] = fork.ljust(len(node.fork), b"\0")
+    struct.pack_into(">Q", raw, CORE_NBLOCKS, node.core.nblocks + count)
+    struct.pack_into(">I", raw, CORE_NEXTENTS, len(recs))
+    writes += bufs.writes()  # data first, then the allocation records, then the inode
+    return node, writes, inode_touched(node, raw, new_size)
+
+
+def merged_extents(
+    extents: list[tuple[int, int, int, bool]], covered: int, pieces: list[tuple[int, int]]
+) -> list[tuple[int, int, int, bool]]:
+    """The extent list with ``pieces`` mapped from file block ``covered`` on (merged when
+    contiguous, records capped at the 21-bit length)."""
+    recs = list(extents)
+    pos = covered
+    for fsb, n in pieces:
+        while n:
+            last = recs[-1] if recs else None
+            if last and not last[3] and last[0] + last[2] == pos and last[1] + last[2] == fsb:
+                grow = min(n, xfs_alloc.MAX_EXTLEN - last[2])
+                if grow:
+                    recs[-1] = (last[0], last[1], last[2] + grow, False)
+                    pos, fsb, n = pos + grow, fsb + grow, n - grow
+                    continue
+            step = min(n, xfs_alloc.MAX_EXTLEN)
+            recs.append((pos, fsb, step, False))
+            pos, fsb, n = pos + step, fsb + step, n - step
+    return recs
 
 
 def _block_head(
@@ -169,8 +245,10 @@ def _block_head(
     return bytes(length)
 
 
-def _check_inode(fs: XfsFilesystem, node: XfsInode, path: str) -> None:
+def _check_inode(fs: XfsFilesystem, node: XfsInode, path: str) -> bool:
+    """Refuse inodes vmferry does not write; True when the reflink flag is set."""
     core = node.core
+    reflinked = False
     if core.version == 3:
         tail = DinodeV3.unpack(node.raw, CORE_SIZE)
         if not cksum_ok(node.raw, DINODE_V3_CRC):
@@ -179,12 +257,9 @@ def _check_inode(fs: XfsFilesystem, node: XfsInode, path: str) -> None:
         uuid = sb.meta_uuid if sb.features_incompat & INCOMPAT_META_UUID else sb.uuid
         if tail.ino != node.ino or tail.uuid != uuid:
             raise CorruptGuestError(f"{path}: XFS inode {node.ino} belongs elsewhere")
-        if tail.flags2 & DIFLAG2_REFLINK:
-            raise GuestWriteRefusedError(
-                f"{path}: the file may share blocks with others (reflink); vmferry does not "
-                "read the reference-count B+tree",
-                hint=_REFUSED,
-            )
+        reflinked = bool(tail.flags2 & DIFLAG2_REFLINK)
+        if reflinked and not sb.features_ro_compat & RO_COMPAT_REFLINK:
+            raise CorruptGuestError(f"{path}: XFS inode {node.ino} is reflinked without reflink")
     elif core.version != 2 or fs.v5:
         raise GuestWriteRefusedError(
             f"{path}: vmferry does not write XFS version {core.version} inodes", hint=_REFUSED
@@ -203,6 +278,7 @@ def _check_inode(fs: XfsFilesystem, node: XfsInode, path: str) -> None:
         )
     if core.format not in (FMT_EXTENTS, FMT_BTREE):
         raise CorruptGuestError(f"{path}: XFS inode {node.ino} data fork format {core.format}")
+    return reflinked
 
 
 def _rewritten_inode(node: XfsInode, size: int) -> bytes:
@@ -255,7 +331,6 @@ def timestamp(ns: int, bigtime: bool) -> bytes:
 
 def _no_room(path: str, size: int, why: str) -> GuestWriteRefusedError:
     return GuestWriteRefusedError(
-        f"{path}: {size} bytes do not fit the blocks the file owns ({why}); vmferry does not "
-        "allocate XFS blocks",
+        f"{path}: {size} bytes do not fit the file: {why}",
         hint=_REFUSED,
     )
