@@ -11,6 +11,8 @@
 (b) Discovery: ``vmferry chain --json`` and ``vmferry du --json`` on a folder of --images
     small images (chains of --chain-len, formats mixed), best of --repeat (target < 2 s).
 
+vmferry runs with its bytecode cached, as an installed package does (see benchenv.py).
+
     python3 bench/chain_bench.py [--size 4G] [--child-size 1G] [--repeat 3] [--images 1000]
     python3 bench/chain_bench.py --size 256M --child-size 64M --repeat 2   # a quick run
 """
@@ -23,10 +25,11 @@ import platform
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
+
+from benchenv import vmferry_env, vmferry_script
 
 QEMU_NAME = {"qcow2": "qcow2", "vmdk": "vmdk", "vhdx": "vhdx", "vhd": "vpc", "vdi": "vdi"}
 EXT = {"qcow2": ".qcow2", "vmdk": ".vmdk", "vhdx": ".vhdx", "vhd": ".vhd", "vdi": ".vdi"}
@@ -38,17 +41,20 @@ def parse_size(text: str) -> int:
     return int(text[:-1]) * units[text[-1].upper()] if text[-1].upper() in units else int(text)
 
 
+#: environment of vmferry runs (cached bytecode, see benchenv.py); set in main
+VMFERRY_ENV: dict[str, str] | None = None
+
+
 def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = VMFERRY_ENV if cmd[0] == vmferry_script() else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
     return proc
 
 
 def _vmferry() -> list[str]:
-    """The installed console script itself (not a version manager's shim in front of it)."""
-    script = Path(sysconfig.get_path("scripts")) / "vmferry"
-    return [str(script) if script.exists() else "vmferry"]
+    return [vmferry_script()]
 
 
 def qemu_io_writes(fmt: str, path: Path, spans: list[tuple[int, int]], pattern: int) -> None:
@@ -172,6 +178,9 @@ def main() -> None:
             sys.exit(f"{tool} not found: run scripts/install-deps first")
     work = Path(args.dir or tempfile.mkdtemp(prefix="vmferry-chain-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    global VMFERRY_ENV
+    VMFERRY_ENV = vmferry_env(work)
+    run([*_vmferry(), "--help"])  # fills the bytecode cache before anything is timed
     qemu_version = run(["qemu-img", "--version"]).stdout.splitlines()[0]
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "

@@ -7,7 +7,10 @@ best of --repeat runs each (the tools taking turns), and the ratio vmferry/qemu-
 (< 1.0: vmferry is faster) twice, like for like: vmferry (which syncs its output before renaming
 it into place) against qemu-img followed by an fsync of its output, and ``vmferry convert
 --no-sync`` against bare qemu-img (whose default cache mode for convert is "unsafe": it returns
-with the data in the page cache).  A second table times an empty 100 GiB dynamic disk, where time must follow allocated data.
+with the data in the page cache).  A second table times an empty 100 GiB dynamic disk, where
+time must follow allocated data.  CPU seconds (user + sys, median of the runs) are printed for
+the unsynced runs: on a shared machine they move far less with the load than wall time.
+vmferry runs with its bytecode cached, as an installed package does (see benchenv.py).
 
     python3 bench/convert_bench.py [--size 4G] [--repeat 2] [--markdown]
 """
@@ -18,13 +21,14 @@ import argparse
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from benchenv import run_timed, vmferry_env, vmferry_script, warm_up
 
 
 @dataclass(frozen=True)
@@ -76,38 +80,42 @@ def make_raw(path: Path, size: int) -> None:
                 remaining -= n
 
 
-def timed(cmd: list[str], out: Path, durable: bool) -> float:
-    """Seconds until the output exists (and, with ``durable``, is on disk: fsync'd).
+def timed(
+    cmd: list[str], out: Path, durable: bool, env: dict[str, str] | None
+) -> tuple[float, float]:
+    """(seconds until the output exists (with ``durable``, is on disk: fsync'd), CPU seconds).
 
     vmferry syncs its output before renaming it into place; qemu-img convert returns with the
     data still in the page cache.  The fair anchor for "the copy is safe" is qemu-img followed
     by an fsync of its output (coreutils ``sync FILE``), printed beside qemu-img alone.
     """
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode == 0 and durable:
-        proc = subprocess.run(["sync", str(out)], capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr}")
-    return elapsed
+    elapsed, cpu, _ = run_timed(cmd, env)
+    if durable:
+        elapsed += run_timed(["sync", str(out)])[0]
+    return elapsed, cpu
 
 
-def best_of(repeat: int, cmd: list[str], out: Path, durable: bool = False) -> float:
-    return round_robin(repeat, [(cmd, durable)], out)[0]
+#: environment of vmferry runs (cached bytecode); set in main
+VMFERRY_ENV: dict[str, str] | None = None
 
 
-def round_robin(repeat: int, runs: list[tuple[list[str], bool]], out: Path) -> list[float]:
-    """Best time of each run, the runs taking turns: the page cache and the host's load drift
-    over a benchmark, and turns spread that drift over every tool instead of one."""
-    best = [float("inf")] * len(runs)
+def round_robin(
+    repeat: int, runs: list[tuple[list[str], bool]], out: Path
+) -> list[tuple[float, float]]:
+    """(best wall time, median CPU time) of each run, the runs taking turns: the page cache and
+    the host's load drift over a benchmark, and turns spread that drift over every tool."""
+    walls: list[list[float]] = [[] for _ in runs]
+    cpus: list[list[float]] = [[] for _ in runs]
     for _ in range(repeat):
         for i, (cmd, durable) in enumerate(runs):
             if out.exists():
                 out.unlink()
             subprocess.run(["sync"])
-            best[i] = min(best[i], timed(cmd, out, durable))
-    return best
+            env = VMFERRY_ENV if cmd[0] == vmferry_script() else None
+            wall, cpu = timed(cmd, out, durable, env)
+            walls[i].append(wall)
+            cpus[i].append(cpu)
+    return [(min(w), statistics.median(c)) for w, c in zip(walls, cpus, strict=True)]
 
 
 def qemu_cmd(src: Path, sname: str, dst: Path, dname: str) -> list[str]:
@@ -125,16 +133,10 @@ def qemu_cmd(src: Path, sname: str, dst: Path, dname: str) -> list[str]:
     ]
 
 
-def _vmferry() -> str:
-    """The installed console script itself (not a version manager's shim in front of it)."""
-    script = Path(sysconfig.get_path("scripts")) / "vmferry"
-    return str(script) if script.exists() else "vmferry"
-
-
 def vmferry_cmd(src: Path, sname: str, dst: Path, dname: str, *, sync: bool = True) -> list[str]:
     sv, dv = VARIANTS[sname], VARIANTS[dname]
     return [
-        _vmferry(),
+        vmferry_script(),
         "convert",
         "--no-progress",
         *([] if sync else ["--no-sync"]),
@@ -164,11 +166,14 @@ def main() -> None:
     args = ap.parse_args()
     size = parse_size(args.size)
     formats = args.formats.split(",")
-    for tool in ("qemu-img", "vmferry"):
+    for tool in ("qemu-img", vmferry_script()):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: run scripts/install-deps first")
     work = Path(args.dir or tempfile.mkdtemp(prefix="vmferry-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    global VMFERRY_ENV
+    VMFERRY_ENV = vmferry_env(work)
+    warm_up(VMFERRY_ENV, work, formats)
     qemu_version = subprocess.run(["qemu-img", "--version"], capture_output=True, text=True)
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
@@ -189,9 +194,10 @@ def main() -> None:
             sources[fmt] = p
     print(
         "| source | target | qemu-img + fsync s | vmferry s (synced) | ratio synced "
-        "| qemu-img s | vmferry --no-sync s | ratio unsynced |"
+        "| qemu-img s | vmferry --no-sync s | ratio unsynced "
+        "| qemu-img cpu s | vmferry --no-sync cpu s | cpu ratio |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     worst = worst_unsynced = worst_compressed = 0.0
     pairs = [(a, b) for a in formats for b in formats if not (a == b == "raw")]
     if args.via_raw:
@@ -201,7 +207,7 @@ def main() -> None:
         qcmd = qemu_cmd(sources[sfmt], sfmt, out, dfmt)
         vcmd = vmferry_cmd(sources[sfmt], sfmt, out, dfmt)
         vncmd = vmferry_cmd(sources[sfmt], sfmt, out, dfmt, sync=False)
-        qs, v, q, vn = round_robin(
+        (qs, _), (v, _), (q, qc), (vn, vc) = round_robin(
             args.repeat, [(qcmd, True), (vcmd, False), (qcmd, False), (vncmd, False)], out
         )
         if dfmt in COMPRESSED:
@@ -211,7 +217,7 @@ def main() -> None:
             worst_unsynced = max(worst_unsynced, vn / q)
         print(
             f"| {sfmt} | {dfmt} | {qs:.2f} | {v:.2f} | {v / qs:.2f} "
-            f"| {q:.2f} | {vn:.2f} | {vn / q:.2f} |",
+            f"| {q:.2f} | {vn:.2f} | {vn / q:.2f} | {qc:.2f} | {vc:.2f} | {vc / qc:.2f} |",
             flush=True,
         )
         out.unlink()
@@ -230,7 +236,7 @@ def main() -> None:
         )
         for dfmt in ("raw", fmt) if args.via_raw else formats:
             out = work / f"out{VARIANTS[dfmt].ext}"
-            q, v = round_robin(
+            (q, _), (v, _) = round_robin(
                 args.repeat,
                 [
                     (qemu_cmd(empty, fmt, out, dfmt), False),

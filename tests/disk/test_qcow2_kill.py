@@ -65,7 +65,7 @@ CHILD = (
 import sys
 import vmferry
 
-path, seed = sys.argv[1], int(sys.argv[2])
+path, seed, flush_each = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 with vmferry.open(path, "qcow2", writable=True) as disk:
     print("ready", flush=True)
     for kind, first, n in plan(seed):
@@ -73,6 +73,8 @@ with vmferry.open(path, "qcow2", writable=True) as disk:
             disk.write(first * CS, b"".join(pattern(c, 2) for c in range(first, first + n)))
         else:
             disk.write_zeroes(first * CS, n * CS)
+        if flush_each:  # publish every change: the kill lands inside commits more often
+            disk.flush()
 print("done", flush=True)
 """
 )
@@ -84,8 +86,9 @@ def _namespace() -> dict:
     return ns
 
 
+@pytest.mark.parametrize("flush_each", [False, True], ids=["batched", "flush-each"])
 @pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
-def test_sigkill_during_allocation(tmp_path: Path, seed: int) -> None:
+def test_sigkill_during_allocation(tmp_path: Path, seed: int, flush_each: bool) -> None:
     require_tool("qemu-img")
     ns = _namespace()
     cs, clusters = ns["CS"], ns["CLUSTERS"]
@@ -98,7 +101,9 @@ def test_sigkill_during_allocation(tmp_path: Path, seed: int) -> None:
     pythonpath = f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     env = dict(os.environ, PYTHONPATH=pythonpath)
     proc = subprocess.Popen(
-        [sys.executable, str(child), str(img), str(seed)], stdout=subprocess.PIPE, env=env
+        [sys.executable, str(child), str(img), str(seed), str(int(flush_each))],
+        stdout=subprocess.PIPE,
+        env=env,
     )
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == b"ready"

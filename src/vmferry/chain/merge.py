@@ -22,10 +22,13 @@ from vmferry.chain.journal import read_journal, remove_journal, write_journal
 from vmferry.chain.open import open_chain, open_layer
 from vmferry.chain.surgery import CHILD_SEARCH_DEPTH
 from vmferry.disk import Alloc, DiskFormat, ParentInfo
+from vmferry.disk.readahead import read_ahead
 from vmferry.errors import UnsafeOperationError, UsageError
 from vmferry.ops.progress import NoProgress, Progress
 
 COPY_CHUNK = 8 << 20
+#: bytes written into the parent between requests to start writing them back to disk
+WRITEBACK_EVERY = 64 << 20
 
 
 @dataclass
@@ -61,23 +64,40 @@ def _parent_info(parent: DiskFormat, parent_path: Path, child_path: Path) -> Par
 
 
 def _copy_layer(child: DiskFormat, parent: DiskFormat, progress: Progress) -> int:
-    """Write every range the child answers for into the parent; returns bytes copied."""
+    """Write every range the child answers for into the parent; returns bytes copied.
+
+    The child is read a few chunks ahead on a helper thread while the parent is written, and
+    the parent's writeback is started as it goes: the final flush then finds little to do.
+    """
     extents = [e for e in child.extents() if e.alloc is not Alloc.UNALLOCATED]
     progress.start(sum(e.length for e in extents), "merging")
-    done = 0
+    plan: list[tuple[DiskFormat, int, int]] = []
     for ext in extents:
-        if ext.alloc is Alloc.ZERO:
-            parent.write_zeroes(ext.offset, ext.length)
-            done += ext.length
-            progress.advance(done)
-            continue
-        pos = ext.offset
-        while pos < ext.end:
-            n = min(COPY_CHUNK, ext.end - pos)
-            parent.write(pos, child.read(pos, n))
-            pos += n
-            done += n
-            progress.advance(done)
+        if ext.alloc is Alloc.DATA:
+            plan += [
+                (child, pos, min(COPY_CHUNK, ext.end - pos))
+                for pos in range(ext.offset, ext.end, COPY_CHUNK)
+            ]
+    done = unflushed = 0
+    chunks = read_ahead(plan)
+    try:
+        for ext in extents:
+            if ext.alloc is Alloc.ZERO:
+                parent.write_zeroes(ext.offset, ext.length)
+                done += ext.length
+                progress.advance(done)
+                continue
+            for pos in range(ext.offset, ext.end, COPY_CHUNK):
+                data = next(chunks)
+                parent.write(pos, data)
+                done += len(data)
+                unflushed += len(data)
+                if unflushed >= WRITEBACK_EVERY:
+                    parent.file.start_writeback()
+                    unflushed = 0
+                progress.advance(done)
+    finally:
+        chunks.close()
     progress.finish()
     return done
 

@@ -11,14 +11,15 @@ Two jobs, both about not trusting image contents:
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
+import functools
 import os
 import stat
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from vmferry.errors import (
     ImageLockedError,
@@ -45,14 +46,24 @@ _FLOCK = struct.Struct("hhqqi4x")
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
-# The C library the interpreter already links (not ctypes.util.find_library, which runs
-# `ldconfig -p` in a subprocess and costs a third of a second at every start)
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _SYNC_FILE_RANGE_WRITE = 2
-_sync_file_range = getattr(_libc, "sync_file_range", None)
-if _sync_file_range is not None:
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+
+
+@functools.cache
+def _libc() -> tuple[Any, Any]:
+    """(fallocate, sync_file_range or None) from the C library the interpreter already links.
+
+    Loaded on first use: ctypes is not needed to read an image, and start-up is part of every
+    command.  (Not ctypes.util.find_library, which runs `ldconfig -p` in a subprocess.)
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    sfr = getattr(libc, "sync_file_range", None)
+    if sfr is not None:
+        sfr.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return libc.fallocate, sfr
 
 
 def _lock_struct(kind: int, byte: int) -> bytes:
@@ -205,6 +216,21 @@ class BlockFile:
             data += bytes(length - len(data))
         return data
 
+    def pread_into(self, offset: int, view: memoryview) -> None:
+        """Fill ``view`` from ``offset`` without an intermediate buffer; past the end is zeros."""
+        got = self._preadv(offset, view)
+        if got < len(view):
+            view[got:] = bytes(len(view) - got)
+
+    def _preadv(self, offset: int, view: memoryview) -> int:
+        got = 0
+        while got < len(view):
+            n = os.preadv(self.fd, [view[got:]], offset + got)
+            if n <= 0:
+                break
+            got += n
+        return got
+
     def _pread(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)
         if len(data) == length or not data:
@@ -276,7 +302,7 @@ class BlockFile:
         if length <= 0:
             return True
         mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
-        return _libc.fallocate(self.fd, mode, offset, length) == 0
+        return _libc()[0](self.fd, mode, offset, length) == 0
 
     def preallocate(self, offset: int, length: int) -> None:
         try:
@@ -296,8 +322,9 @@ class BlockFile:
         A long copy that calls this as it goes overlaps the disk writes with the copying, so
         the final sync of an output has little left to do.
         """
-        if self.writable and _sync_file_range is not None and self.fd >= 0:
-            _sync_file_range(self.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+        sync_file_range = _libc()[1]
+        if self.writable and sync_file_range is not None and self.fd >= 0:
+            sync_file_range(self.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
     def sync_now(self) -> None:
         """Make everything durable, whatever the cache mode (the last step of an output)."""
@@ -342,6 +369,11 @@ class SliceFile(BlockFile):
         if offset >= self.size or length <= 0:
             return b""
         return super()._pread(self.base + offset, min(length, self.size - offset))
+
+    def _preadv(self, offset: int, view: memoryview) -> int:
+        if offset >= self.size:
+            return 0
+        return super()._preadv(self.base + offset, view[: self.size - offset])
 
     def data_runs(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
         end = min(offset + length, self.size)

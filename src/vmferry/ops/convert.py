@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from vmferry.chain import Chain, open_chain
 from vmferry.disk import DiskFormat, driver_by_name, driver_for_extension
+from vmferry.disk.readahead import read_ahead
 from vmferry.errors import UsageError
 from vmferry.ops.atomic import AtomicOutput
 from vmferry.ops.progress import NoProgress, Progress
@@ -25,8 +24,6 @@ from vmferry.ops.sparse import nonzero_runs
 
 #: bytes read per request: large enough to amortise Python overhead, small enough for cache
 CHUNK = 8 << 20
-#: chunks read ahead of the one being written
-READ_AHEAD = 2
 #: bytes written between requests to start writing them back to disk
 WRITEBACK_EVERY = 64 << 20
 
@@ -79,34 +76,28 @@ def copy_chain(
 ) -> tuple[int, int]:
     """Copy the flattened content of ``src`` into the fresh layer ``dst``.
 
-    The next chunk is read on a helper thread while this one is written (both are system
-    calls that release the GIL), so reading and writing overlap as in qemu-img's pipeline.
+    The next chunks are read on a helper thread while this one is written (``read_ahead``).
     ``writeback`` starts writing finished data to disk as it goes, for an output that will be
     synced at the end (``False`` when it will not be).  Returns (bytes read, bytes written).
     """
     plan, total = _read_plan(src)
     progress.start(total, "converting")
     done = written = flushed = 0
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmferry-read") as pool:
-        pending: deque[Future[bytes]] = deque()
-        for i in range(min(READ_AHEAD, len(plan))):
-            layer, pos, n = plan[i]
-            pending.append(pool.submit(layer.read, pos, n))
-        for i, (_, pos, n) in enumerate(plan):
-            buf = pending.popleft().result()
-            ahead = i + READ_AHEAD
-            if ahead < len(plan):
-                layer, apos, an = plan[ahead]
-                pending.append(pool.submit(layer.read, apos, an))
+    chunks = read_ahead(plan)
+    try:
+        for (_, pos, n), buf in zip(plan, chunks, strict=True):
+            view = memoryview(buf)  # pieces of the chunk are written without copies
             for run_off, run_len in nonzero_runs(buf, pos):
                 rel = run_off - pos
-                dst.write(run_off, buf[rel : rel + run_len] if run_len != n else buf)
+                dst.write(run_off, view[rel : rel + run_len] if run_len != n else buf)
                 written += run_len
             if written - flushed >= WRITEBACK_EVERY and writeback:
                 dst.file.start_writeback()  # the final sync then finds little left to do
                 flushed = written
             done += n
             progress.advance(done)
+    finally:
+        chunks.close()
     progress.finish()
     return total, written
 

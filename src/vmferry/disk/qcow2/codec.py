@@ -12,11 +12,13 @@ import io
 import os
 import threading
 import zlib
-from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmferry.disk.qcow2.layout import COMPRESSION_ZLIB, COMPRESSION_ZSTD
 from vmferry.errors import CorruptImageError, UnsupportedFeatureError
+
+if TYPE_CHECKING:  # (imported when first needed: it pulls in logging, at every start)
+    from concurrent.futures import ThreadPoolExecutor
 
 #: qemu inflates with a 4 KiB window (-12), so what we write must not reference further back
 _DEFLATE_WBITS = -12
@@ -72,6 +74,8 @@ def parallel_workers() -> int:
 def _pool() -> ThreadPoolExecutor:
     """One process-wide pool for inflating clusters (zlib and zstd release the GIL)."""
     global _POOL
+    from concurrent.futures import ThreadPoolExecutor
+
     with _POOL_LOCK:
         if _POOL is None:
             _POOL = ThreadPoolExecutor(parallel_workers(), thread_name_prefix="qcow2-inflate")
@@ -82,6 +86,8 @@ def decompress_many(
     kind: int, raws: list[bytes], cluster_size: int, wheres: list[str]
 ) -> list[bytes]:
     """``decompress`` for many clusters at once, in parallel, results in order."""
+    from concurrent.futures import wait
+
     if kind == COMPRESSION_ZSTD:
         load_zstd()  # the missing-module error once, before threads
     pool = _pool()
@@ -116,6 +122,8 @@ class Compressor:
         if workers == 1:
             return [self.compress(b) for b in bufs]
         if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
             self._pool = ThreadPoolExecutor(workers, thread_name_prefix="qcow2-compress")
         return list(self._pool.map(self.compress, bufs))
 

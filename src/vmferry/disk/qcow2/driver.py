@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -70,6 +71,9 @@ _ALLOC = {UNALLOC: Alloc.UNALLOCATED, ZERO: Alloc.ZERO, DATA: Alloc.DATA, COMPRE
 _TO_QEMU = {"vhd": "vpc"}
 _FROM_QEMU = {v: k for k, v in _TO_QEMU.items()}
 _L2_CACHE_BYTES = 32 * 1024 * 1024
+#: data written between commits of the metadata that publishes it (see ``_commit_due``);
+#: dirty tables also force one when they would fill the L2 cache (they are pinned in it)
+COMMIT_EVERY = 256 << 20
 _ON_OFF = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
 
 
@@ -134,6 +138,7 @@ class Qcow2(DiskFormat):
         self._open_cluster: _Open | None = None
         self._modified = False
         self._failed = False
+        self._uncommitted = 0  # data bytes written since the last commit
         self._update_alignment()
 
     # --- construction -------------------------------------------------------------------------
@@ -655,6 +660,7 @@ class Qcow2(DiskFormat):
             or rc.pending_free
         ):
             return
+        self._uncommitted = 0
         rc.write_blocks()
         self._sync()
         if rc.table_moved:
@@ -700,7 +706,24 @@ class Qcow2(DiskFormat):
                 self._write_compressed(offset, view)
             else:
                 self._write_plain(offset, view)
-            self._commit()
+            self._uncommitted += n
+            if self._commit_due():
+                self._commit()
+
+    def _commit_due(self) -> bool:
+        """Publish in batches: each commit of an image written in place costs three fsyncs.
+
+        Like qemu's metadata caches, new mappings are published (in crash-safe order) at
+        ``flush``/``close``, and before then once enough data or dirty tables pile up (which
+        also bounds the memory pinned by dirty tables).  A crash loses at most unpublished
+        writes, as it would lose unflushed writes in qemu; the image stays consistent.
+        """
+        rc = self._rc
+        return (
+            self._uncommitted >= COMMIT_EVERY
+            or len(self._l2_dirty) >= self._l2_cap
+            or (rc is not None and len(rc.dirty_blocks) >= self._l2_cap)
+        )
 
     @contextlib.contextmanager
     def _guard(self) -> Iterator[None]:
@@ -739,8 +762,43 @@ class Qcow2(DiskFormat):
                     hint="write whole clusters to a qcow2 overlay (the chain does this)",
                 )
 
+    def _write_fresh(self, offset: int, view: memoryview) -> bool:
+        """Fast path of ``_write_plain``: whole clusters that this layer has never allocated.
+
+        The usual case of convert's output.  Table slices are checked and set at C speed and
+        the data goes out in one write; anything else (partial clusters, allocated, zero or
+        compressed entries, extended L2) returns False before any change but new L2 tables,
+        which the general path would allocate the same way.
+        """
+        cs, cb = self.cs, self.cb
+        end = offset + len(view)
+        if self.ext_l2 or offset & (cs - 1) or end & (cs - 1) or self.data is not self.file:
+            return False
+        assert self._rc is not None
+        groups: list[tuple[Any, int, int, int]] = []
+        ci, stop_ci = offset >> cb, end >> cb
+        while ci < stop_ci:
+            table, toff, idx = self._l2_for_write(ci)
+            stop = min(self.l2_entries, idx + stop_ci - ci)
+            if table[idx:stop].count(0) != stop - idx:
+                return False
+            groups.append((table, toff, idx, stop))
+            ci += stop - idx
+        host = self._rc.alloc(stop_ci - (offset >> cb))
+        self.file.write(host, view)
+        for table, toff, idx, stop in groups:
+            n = stop - idx
+            first = host | FLAG_COPIED
+            table[idx:stop] = array("Q", range(first, first + n * cs, cs))
+            lo, hi = self._l2_dirty.get(toff, (idx, stop))
+            self._l2_dirty[toff] = (min(lo, idx), max(hi, stop))
+            host += n * cs
+        return True
+
     def _write_plain(self, offset: int, view: memoryview) -> None:
         assert self._rc is not None
+        if self._write_fresh(offset, view):
+            return
         cs, cb = self.cs, self.cb
         pieces: list[tuple[int, bytes | bytearray | memoryview, int]] = []
         new: list[tuple[Any, int, int, bytes | bytearray | memoryview, int]] = []
@@ -990,6 +1048,7 @@ class Qcow2(DiskFormat):
     def _set_parent(self, parent: ParentInfo | None) -> None:
         self._begin_modify()
         self._flush_open_cluster()
+        self._commit()  # a header written below must not publish a half-written refcount table
         m = self.meta
         if parent is None:
             m.backing_file = None
@@ -1048,6 +1107,8 @@ class Qcow2(DiskFormat):
         from vmferry.disk.qcow2.check import check_image
 
         self._flush_open_cluster()
+        if self.writable and not self._failed:
+            self._commit()  # the check reads what is on disk
         return check_image(self)
 
     # --- creating -----------------------------------------------------------------------------

@@ -111,15 +111,46 @@ class Refcounts:
     def alloc(self, n: int) -> int:
         """Reserve ``n`` contiguous free clusters (refcount 1) and return the first's offset."""
         start = self.next_free
-        i = start
-        while i < start + n:
-            if self.get(i):
-                start = i + 1  # a stray refcount past the data (an old crash): step over it
-            i += 1
+        while True:
+            used = self._last_used(start, n)
+            if used < 0:
+                break
+            start = used + 1  # a stray refcount past the data (an old crash): step over it
         self.next_free = start + n
-        for i in range(start, start + n):
-            self.set(i, 1)
+        self._set_run(start, n, 1)
         return start * self.cs
+
+    def _last_used(self, start: int, n: int) -> int:
+        """Index of the last cluster in [start, start+n) with a refcount, or -1 (block-wise)."""
+        per = self.per_block
+        idx = start + n
+        while idx > start:
+            ti = (idx - 1) // per
+            lo = max(start, ti * per)
+            blk = self._block(ti, create=False)
+            if blk is not None:
+                part = blk[lo - ti * per : idx - ti * per]
+                if part.count(0) != len(part):
+                    for i in range(len(part) - 1, -1, -1):
+                        if part[i]:
+                            return lo + i
+            idx = lo
+        return -1
+
+    def _set_run(self, start: int, n: int, value: int) -> None:
+        """Set the refcount of clusters [start, start+n) to ``value`` a block at a time."""
+        per = self.per_block
+        idx, end = start, start + n
+        while idx < end:
+            ti = idx // per
+            stop = min(end, (ti + 1) * per)
+            if ti >= len(self.table):
+                self._grow_table(ti + 1)
+            blk = self._block(ti, create=True)
+            assert blk is not None
+            blk[idx - ti * per : stop - ti * per] = array(self.code, [value]) * (stop - idx)
+            self.dirty_blocks.add(ti)
+            idx = stop
 
     def _new_block(self, ti: int) -> array:
         idx = self.next_free

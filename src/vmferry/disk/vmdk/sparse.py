@@ -290,10 +290,12 @@ class SparseExtent(ExtentBase):
         return (kind, run, host, False)
 
     def read(self, offset: int, length: int) -> bytes:
+        """The extent's bytes; a range stored in one contiguous run is one pread, no copies."""
         assert self.file is not None
-        out = bytearray(length)
         g = self.grain
         pos, end = offset, offset + length
+        runs: list[tuple[int, int, int]] = []  # (host, offset in the result, length)
+        inflated: list[tuple[int, bytes]] = []  # (offset in the result, bytes)
         run_host = run_dst = run_len = 0
         while pos < end:
             gi, in_g = divmod(pos, g)
@@ -303,17 +305,25 @@ class SparseExtent(ExtentBase):
             dst = pos - offset
             if kind is Alloc.DATA and not self.compressed:
                 host = e * SECTOR + in_g
-                if run_len and run_host + run_len == host:
+                if run_len and run_host + run_len == host and run_dst + run_len == dst:
                     run_len += n
                 else:
                     if run_len:
-                        out[run_dst : run_dst + run_len] = self.file.pread(run_host, run_len)
+                        runs.append((run_host, run_dst, run_len))
                     run_host, run_dst, run_len = host, dst, n
             elif kind is Alloc.DATA:
-                out[dst : dst + n] = self.grain_bytes(gi, e)[in_g : in_g + n]
+                inflated.append((dst, self.grain_bytes(gi, e)[in_g : in_g + n]))
             pos += n
         if run_len:
-            out[run_dst : run_dst + run_len] = self.file.pread(run_host, run_len)
+            runs.append((run_host, run_dst, run_len))
+        if len(runs) == 1 and not inflated and run_len == length:
+            return self.file.pread(run_host, run_len)
+        out = bytearray(length)
+        view = memoryview(out)
+        for host, dst, n in runs:
+            self.file.pread_into(host, view[dst : dst + n])
+        for dst, data in inflated:
+            out[dst : dst + len(data)] = data
         return bytes(out)
 
     def grain_bytes(self, gi: int, sector: int) -> bytes:
@@ -358,7 +368,8 @@ class SparseExtent(ExtentBase):
         assert self.file is not None
         g = self.grain
         pos, end = offset, offset + len(mv)
-        new: list[tuple[int, bytes | bytearray | memoryview]] = []
+        # (grain index, bytes, offset of those bytes in mv or -1 when they are a new buffer)
+        new: list[tuple[int, bytes | bytearray | memoryview, int]] = []
         while pos < end:
             gi, in_g = divmod(pos, g)
             n = min(g - in_g, end - pos)
@@ -368,18 +379,20 @@ class SparseExtent(ExtentBase):
             if kind is Alloc.DATA:
                 self.file.write(e * SECTOR + in_g, piece)
             else:
+                src = pos - offset
                 if n == g:
                     grain: bytes | bytearray | memoryview = piece
                 else:
                     buf = bytearray(g)
                     buf[in_g : in_g + n] = piece
-                    grain = buf
+                    grain, src = buf, -1
                 skip = kind is Alloc.ZERO or not has_parent
-                if not (skip and grain == self._zero):
-                    new.append((gi, grain))
+                # (a first-byte test spares a copy and compare of every data grain)
+                if not (skip and grain[0] == 0 and bytes(grain) == self._zero):
+                    new.append((gi, grain, src))
             pos += n
         if new:
-            self._allocate(new)
+            self._allocate(new, mv)
 
     def write_zeroes(self, offset: int, length: int, has_parent: bool) -> None:
         assert self.file is not None
@@ -414,10 +427,15 @@ class SparseExtent(ExtentBase):
             self._barrier()
             self._publish([(gi, GTE_ZEROED) for gi in zeroed])
 
-    def _allocate(self, new: list[tuple[int, bytes | bytearray | memoryview]]) -> None:
-        """Append grains, fsync, then publish their GT entries (both copies), fsync."""
+    def _allocate(
+        self, new: list[tuple[int, bytes | bytearray | memoryview, int]], mv: memoryview
+    ) -> None:
+        """Append grains, fsync, then publish their GT entries (both copies), fsync.
+
+        Grains that are neighbours in ``mv`` too are written straight from it, as one write.
+        """
         assert self.file is not None
-        missing = sorted({gi // GTES_PER_GT for gi, _ in new if self.gd[gi // GTES_PER_GT] == 0})
+        missing = sorted({gi // GTES_PER_GT for gi, _, _ in new if self.gd[gi // GTES_PER_GT] == 0})
         if missing:
             self._allocate_gts(missing)
         start = self.next_alloc
@@ -425,18 +443,38 @@ class SparseExtent(ExtentBase):
         batch: list[bytes | bytearray | memoryview] = []
         batch_start = pos
         batch_len = 0
-        for _, grain in new:
+        run_src = run_len = 0  # grains contiguous in mv too: written from it, not copied
+
+        def emit() -> None:
+            """Write the batched grains, then the pending run of mv, at the next position."""
+            nonlocal batch, batch_start, batch_len, run_len
+            assert self.file is not None
+            if batch:
+                self.file.write(batch_start, batch[0] if len(batch) == 1 else b"".join(batch))
+                batch_start += batch_len
+                batch, batch_len = [], 0
+            if run_len:
+                self.file.write(batch_start, mv[run_src : run_src + run_len])
+                batch_start += run_len
+                run_len = 0
+
+        for _, grain, src in new:
+            if src >= 0 and run_len and src == run_src + run_len:
+                run_len += len(grain)
+                continue
+            if run_len:
+                emit()
+            if src >= 0:
+                run_src, run_len = src, len(grain)
+                continue
             batch.append(grain)
             batch_len += len(grain)
             if batch_len >= 32 << 20:
-                self.file.write(batch_start, b"".join(batch))
-                batch_start += batch_len
-                batch, batch_len = [], 0
-        if batch:
-            self.file.write(batch_start, b"".join(batch))
+                emit()
+        emit()
         self._barrier()
         updates = []
-        for gi, grain in new:
+        for gi, grain, _ in new:
             updates.append((gi, pos // SECTOR))
             pos += len(grain)
         self.next_alloc = _round_up(pos, self.grain)

@@ -22,7 +22,6 @@ import os
 import zlib
 from array import array
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from vmferry.disk.base import Alloc
@@ -51,6 +50,8 @@ from vmferry.disk.vmdk.sparse import (
 from vmferry.errors import UnsupportedFeatureError
 
 if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
     from vmferry.disk.vmdk.driver import Vmdk
 
 #: deflate level: zlib's default, what VMware and qemu use
@@ -266,6 +267,8 @@ class StreamExtent(SparseExtent):
         if len(datas) < 4:
             return [deflate_grain(d) for d in datas]
         if StreamExtent._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
             StreamExtent._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
         return list(StreamExtent._pool.map(deflate_grain, datas))
 
