@@ -15,6 +15,7 @@ from tests.bootkit import require, require_tools
 from tests.bootkit.guest import (
     GENERIC_GUEST,
     SDA_NAMED_GUEST,
+    VMWARE_DRACUT_GUEST,
     VMWARE_GUEST,
     BuiltGuest,
     GuestRecipe,
@@ -50,6 +51,12 @@ def _built(recipe: GuestRecipe) -> BuiltGuest:
 def vmware_guest() -> BuiltGuest:
     """The classic VMware guest (cached image; never modify it, copy with ``fresh``)."""
     return _built(VMWARE_GUEST)
+
+
+@pytest.fixture(scope="session")
+def vmware_dracut_guest() -> BuiltGuest:
+    """The VMware guest as Red Hat builds it: dracut --hostonly, run on pvscsi."""
+    return _built(VMWARE_DRACUT_GUEST)
 
 
 @pytest.fixture(scope="session")

@@ -47,9 +47,20 @@ FAILURES = re.compile(
     r"ALERT!|Kernel panic|Gave up waiting for root|[Dd]ropping to a shell|\(initramfs\)"
     r"|grub rescue>|No bootable device|Boot failed: could not read the boot disk"
     r"|You are in emergency mode|Failed to mount /sysroot"
+    # dracut: its initqueue gives up waiting for the root device after 2/3 of rd.retry (120 s
+    # of the default 180) and says so before it drops to the emergency shell at the end
+    r"|dracut-initqueue.*timeout|Could not boot\.|Entering emergency mode"
+    # a systemd initrd (dracut's) waits for the root device with no limit unless rd.timeout
+    # is given (a VMware-built guest has none): still waiting after 2 minutes, longer than
+    # systemd's own 90 s default for devices, the device is not coming
+    r"|Job dev-\S+\.device/start running \((?:[2-9]|\d\d+)min"
 )
 #: the failure output is complete once the initramfs shell prompt (or a panic's end) shows
-FAILURE_DONE = re.compile(r"\(initramfs\)|end Kernel panic|grub rescue>|emergency mode")
+FAILURE_DONE = re.compile(
+    r"\(initramfs\)|end Kernel panic|grub rescue>|emergency mode|Entering emergency mode"
+)
+#: terminal escapes (colours, cursor moves) in systemd's console output
+ANSI = re.compile(r"\x1b(?:\[[0-9;?]*[A-Za-z]|[A-Z])")
 #: after the first failure line, how long to keep reading for the rest of the message
 FAILURE_GRACE = 15.0
 
@@ -92,6 +103,7 @@ def qemu_command(
     *,
     firmware: str = "bios",
     memory_mib: int = 1024,
+    snapshot: bool = True,
 ) -> list[str]:
     """The qemu command line for one boot (separate so tests and docs can show it)."""
     fmt = FORMAT_ALIASES.get(fmt, fmt)
@@ -106,7 +118,8 @@ def qemu_command(
     cmd = [
         QEMU, "-accel", "tcg", "-M", machine, "-m", str(memory_mib), "-smp", "1",
         "-nodefaults", "-nographic", "-monitor", "none",
-        "-serial", f"file:{os.fspath(serial_path)}", "-nic", "none", "-no-reboot", "-snapshot",
+        "-serial", f"file:{os.fspath(serial_path)}", "-nic", "none", "-no-reboot",
+        *(["-snapshot"] if snapshot else []),
         "-drive", f"file={path},format={fmt},if=none,id=d0,cache=unsafe",
     ]  # fmt: skip
     for dev in devices:
@@ -132,12 +145,17 @@ def boot(
     firmware: str = "bios",
     log_path: str | os.PathLike[str] | None = None,
     marker: str = MARKER,
+    snapshot: bool = True,
+    wait_exit: float = 0,
 ) -> BootResult:
     """Boot ``image_path`` (qemu format ``fmt``) on ``controller`` until marker, failure or
     ``timeout`` seconds; qemu is always killed before this returns.
 
     ``log_path``: where the serial console is written (default: next to the image, named after
-    the controller), kept so a failed test can be diagnosed from the file.
+    the controller), kept so a failed test can be diagnosed from the file.  ``snapshot=False``
+    lets the guest write to the image (the test builder's own first boot; tests never do);
+    ``wait_exit``: after the marker, up to that many seconds for the guest to power off by
+    itself, so what it wrote is on disk in full before qemu is killed.
     """
     if shutil.which(QEMU) is None:
         raise FileNotFoundError(f"{QEMU} is not installed (apt-get install qemu-system-x86)")
@@ -148,7 +166,7 @@ def boot(
         log_path = image.with_name(f"{image.name}.{controller}.serial.log")
     log_file = Path(log_path)
     log_file.write_bytes(b"")
-    cmd = qemu_command(image, fmt, controller, log_file, firmware=firmware)
+    cmd = qemu_command(image, fmt, controller, log_file, firmware=firmware, snapshot=snapshot)
     started = time.monotonic()
     proc = subprocess.Popen(
         cmd,
@@ -168,12 +186,16 @@ def boot(
             m = re.search(rf"^.*{re.escape(marker)}.*\n", text, re.MULTILINE)
             if m and failure is None:
                 outcome, marker_line = "marker", m.group(0).strip()
+                exit_deadline = now + wait_exit
+                while proc.poll() is None and time.monotonic() < exit_deadline:
+                    time.sleep(0.25)
                 break
             f = FAILURES.search(text)
             if f and failure is None:
-                line_start = text.rfind("\n", 0, f.start()) + 1
-                line_end = text.find("\n", f.end())
-                failure = text[line_start : line_end if line_end >= 0 else None].strip()
+                # systemd redraws its status line with \r: a line ends at either
+                line_start = max(text.rfind("\n", 0, f.start()), text.rfind("\r", 0, f.start())) + 1
+                ends = [i for i in (text.find("\n", f.end()), text.find("\r", f.end())) if i >= 0]
+                failure = ANSI.sub("", text[line_start : min(ends) if ends else None]).strip()
                 outcome = "failure"
                 failure_deadline = now + FAILURE_GRACE
             if failure is not None and (
