@@ -7,8 +7,8 @@ pvscsi controller, as Red Hat's installer leaves it); both name ``/dev/sda1`` in
 the kernel command line, run open-vm-tools and force X onto the ``vmware`` driver.  ``sda-most``
 (initramfs-tools ``MODULES=most``, ``/dev/sda1``) is the guest whose repair needs no new driver.
 
-Each row converts with ``apply_fixes(image, target, output=...)`` into the target's format and
-boots it on that target's controller (qemu TCG):
+Each row converts with ``apply_fixes(image, target, output=..., controller=...)`` into the
+target's format and boots it on that target's controller (qemu TCG):
 
 ==========  ============  ===========  ===================================================
 target      format        controller   why this pair
@@ -17,7 +17,7 @@ kvm         qcow2         virtio-blk   KVM's default disk; /dev/sda1 becomes /de
 hyperv      vhdx          ide          Hyper-V Gen 1 boots from IDE 0:0 only
 virtualbox  vdi           sata         VirtualBox's default controller (AHCI, q35)
 vmware      vmdk          pvscsi       back to VMware: the repair must not break the guest
-kvm         raw           nvme         NVMe: /dev/nvme0n1p1, a third naming scheme
+vmware      vmdk          nvme         NVMe (``fix --controller nvme``): /dev/nvme0n1p1
 ==========  ============  ===========  ===================================================
 
 Which boots run, and why (the budget is ~10 minutes on 2 cores; a boot takes 40-60 s, a
@@ -37,7 +37,7 @@ guest's command line (no ``rd.timeout``) stays as VMware's installer left it, an
   the harness and the output formats before the driver injection lands.
 * unrepaired boots, once per distinct failure cause, not once per row (each costs a failure
   wait): (1) the driver is missing but the name is right: ``vmware-pvscsi`` as a plain vhdx on
-  Hyper-V's IDE; (2) the name is wrong but the driver is there: ``sda-most`` as plain raw on
+  Hyper-V's IDE; (2) the name is wrong but the driver is there: ``sda-most`` as plain vmdk on
   NVMe; (3) both, through dracut's failure path: ``vmware-dracut`` as plain qcow2 on virtio-blk.
   Both causes together through initramfs-tools is test_boot_baseline.py's virtio-blk failure.
   The other rows' unrepaired failures follow from these: the same missing module, or the same
@@ -92,18 +92,18 @@ KVM = Row("kvm", "disk.qcow2", "qcow2", "virtio-blk")
 HYPERV = Row("hyperv", "disk.vhdx", "vhdx", "ide")
 VIRTUALBOX = Row("virtualbox", "disk.vdi", "vdi", "sata")
 VMWARE = Row("vmware", "disk.vmdk", "vmdk", "pvscsi")
-KVM_NVME = Row("kvm", "disk.raw", "raw", "nvme")
-ROWS = (KVM, HYPERV, VIRTUALBOX, VMWARE, KVM_NVME)
+VMWARE_NVME = Row("vmware", "disk.vmdk", "vmdk", "nvme")  # VMware boots from NVMe too
+ROWS = (KVM, HYPERV, VIRTUALBOX, VMWARE, VMWARE_NVME)
 
 VMWARE_GUESTS = ("vmware_guest", "vmware_dracut_guest")
 REPAIRED = [
     *((g, r) for g in VMWARE_GUESTS for r in ROWS),
-    *(("sda_named_guest", r) for r in (HYPERV, VIRTUALBOX, KVM_NVME)),
+    *(("sda_named_guest", r) for r in (HYPERV, VIRTUALBOX, VMWARE_NVME)),
 ]
 UNREPAIRED = [
     # (guest fixture, row, what the serial console must show)
     ("vmware_guest", HYPERV, "ALERT!  /dev/sda1 does not exist"),
-    ("sda_named_guest", KVM_NVME, "ALERT!  /dev/sda1 does not exist"),
+    ("sda_named_guest", VMWARE_NVME, "ALERT!  /dev/sda1 does not exist"),
     ("vmware_dracut_guest", KVM, "Job dev-sda1.device/start running"),
 ]
 
@@ -158,7 +158,7 @@ def test_repaired_guest_boots(
     guest: BuiltGuest = request.getfixturevalue(guest_fixture)
     out = tmp_path / row.file
     try:
-        result = apply_fixes(guest.path, row.target, output=out)
+        result = apply_fixes(guest.path, row.target, output=out, controller=MODEL[row.controller])
         print(result.plan.diff())
         for f in result.plan.findings:
             print(f"finding [{f.severity}] {f.rule}: {f.message}")
