@@ -141,7 +141,7 @@ def boot(
     fmt: str,
     controller: str,
     *,
-    timeout: float = 150,
+    timeout: float = 480,
     firmware: str = "bios",
     log_path: str | os.PathLike[str] | None = None,
     marker: str = MARKER,
