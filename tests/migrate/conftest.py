@@ -9,10 +9,8 @@ whether it can boot on a target's controller.
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -138,22 +136,8 @@ def pvscsi_guest(guest_cache: Path, tmp_path: Path) -> Path:
     return dst
 
 
-class _PinnedOs:
-    """``os`` for the ext writer with a fixed ``urandom`` (a new inode's generation number)."""
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(os, name)
-
-    @staticmethod
-    def urandom(n: int) -> bytes:
-        return bytes(n)
-
-
 @pytest.fixture
 def fixed_clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    """ext writes stamp times with time.time() and new inodes with a random generation: pin
-    both so that two repairs of one guest are byte-equal."""
-    from vmferry.guest.fs import ext
-
-    monkeypatch.setattr(time, "time", lambda: 1_700_000_000.0)
-    monkeypatch.setattr(ext, "os", _PinnedOs())
+    """Reproducible guest repairs: the time written into the guest comes from
+    SOURCE_DATE_EPOCH (vmferry.guest.fs.clock); generation numbers are derived, not random."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")

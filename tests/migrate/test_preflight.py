@@ -128,10 +128,14 @@ def test_unrepairable_guest_is_predicted_not_to_boot_and_says_why(
 def test_guest_boots_on_the_controller_it_has_a_driver_for(
     pvscsi_guest: Path, tmp_path: Path
 ) -> None:
-    """KVM offers pvscsi too: the boot disk goes there instead of virtio-blk, and boots."""
+    """vmferry cannot add virtio_blk (the guest has no module file for it), but KVM offers
+    pvscsi, which the guest drives: the boot disk goes there, with a warning saying why."""
     result = migrate(pvscsi_guest, "kvm", tmp_path / "out")
     assert result.status == "completed"
     assert result.target["boot_controller"] == "pvscsi"
+    (fallback,) = [f for f in result.findings if f.code == "boot-controller-fallback"]
+    assert fallback.severity == "warning" and "instead of virtio-blk" in fallback.message
+    assert not [f for f in result.findings if f.code == "fix-initramfs"]
     assert result.disks[0].guest_after["bootable"] is True
     xml = (tmp_path / "out" / "pvscsi.xml").read_text()
     assert "vmpvscsi" in xml or "pvscsi" in xml
@@ -167,3 +171,29 @@ def test_dry_run_writes_nothing(guest: Path, tmp_path: Path) -> None:
     assert not out.exists()
     assert result.disks[0].guest_changes  # the plan is there, with its diffs
     assert all(c["diff"].startswith("---") for c in result.disks[0].guest_changes)
+
+
+@pytest.mark.parametrize(
+    ("target", "fmt", "expected"),
+    [
+        ("kvm", None, "virtio-blk"),  # the target's preferred controller
+        ("proxmox", None, "virtio-blk"),
+        ("vmware", "vmdk", "pvscsi"),  # VMware's own paravirtual controller stays
+        ("ovf", None, "pvscsi"),
+        ("virtualbox", None, "ahci"),  # VirtualBox has no pvscsi
+    ],
+)
+def test_one_boot_controller_for_config_and_repair(
+    guest: Path, tmp_path: Path, target: str, fmt: str | None, expected: str
+) -> None:
+    """A pvscsi VMware guest that can be prepared for anything: the config and the repair name
+    the same controller (the target's preferred one, or the source's when it is native there)."""
+    vm = tmp_path / "vm"
+    vm.mkdir()
+    guest.rename(vm / "web.raw")
+    (vm / "web.vmx").write_text(vmx_text("web", "web.raw"))
+    result = migrate(vm / "web.vmx", target, tmp_path / "out", format=fmt, dry_run=True)
+    assert not result.blockers, [f.to_json() for f in result.blockers]
+    assert result.target["boot_controller"] == expected
+    assert result.to_json()["after"]["disks"][0]["controller_model"] == expected
+    assert "boot-controller-fallback" not in {f.code for f in result.findings}

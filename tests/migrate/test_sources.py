@@ -67,10 +67,12 @@ def test_vmx_with_snapshot_chain_to_proxmox(guest: Path, tmp_path: Path) -> None
     result = migrate(vm / "web.vmx", "proxmox", tmp_path / "out", keep_macs=True)
     assert result.status == "completed"
     assert tree_digest(vm) == before
-    out = tmp_path / "out" / "web.qcow2"
-    assert result.config_path == tmp_path / "out" / "web.conf"
+    # named as a Proxmox directory storage names VM 100's first disk (images/100/...)
+    out = tmp_path / "out" / "vm-100-disk-0.qcow2"
+    assert result.config_path == tmp_path / "out" / "100.conf"
     conf = result.config_path.read_text()
-    assert "web.qcow2" in conf and "00:50:56:01:02:03".upper() in conf.upper()
+    assert "virtio0: local:100/vm-100-disk-0.qcow2," in conf
+    assert "00:50:56:01:02:03".upper() in conf.upper()
     # the snapshot's data made it (the guest fixes are elsewhere, inside the root filesystem)
     assert qemu_img("compare", "-F", "qcow2", str(child), str(out), check=False).returncode == 1
     flat = tmp_path / "flat.raw"
@@ -119,6 +121,22 @@ def vbox_text(disk: str) -> str:
   </Machine>
 </VirtualBox>
 """
+
+
+def test_vbox_snapshot_in_snapshots_folder_reaches_its_base(guest: Path, tmp_path: Path) -> None:
+    """VirtualBox keeps a snapshot's differencing VDI in Snapshots/ and its base one folder up:
+    the VM's folder is always a place parents may be opened from (no --allow-dir needed)."""
+    import vmferry
+
+    vm = tmp_path / "vb"
+    (vm / "Snapshots").mkdir(parents=True)
+    to_format(guest, vm / "vb.vdi", "vdi")
+    vmferry.create(vm / "Snapshots" / "child.vdi", "vdi", parent=vm / "vb.vdi").close()
+    (vm / "vb.vbox").write_text(vbox_text("Snapshots/child.vdi"))
+    result = migrate(vm / "vb.vbox", "kvm", tmp_path / "out", dry_run=True)
+    assert result.status == "planned", result.blockers
+    layers = result.to_json()["disks"][0]["source"]["chain"]
+    assert [Path(x["path"]).name for x in layers] == ["child.vdi", "vb.vdi"]
 
 
 @pytest.mark.usefixtures("fixed_clock")

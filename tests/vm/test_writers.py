@@ -191,3 +191,53 @@ def test_api_file_names_cannot_escape(tmp_path: Path) -> None:
     (written,) = (tmp_path / "out").iterdir()
     assert "/" not in written.name and written.name.endswith("escape.vmx")
     assert not (tmp_path / "escape.vmx").exists()
+
+
+def test_hyperv_gen1_boot_disk_is_on_ide_whatever_the_model_says() -> None:
+    """A Generation 1 VM boots from IDE only: the writer never attaches its boot disk to SCSI."""
+    from vmferry.vm.writers.hyperv import write_hyperv
+
+    vm = _pvscsi_bios_vm()
+    vm.disks[0].boot_order = 1
+    (script,) = write_hyperv(vm).values()
+    boot = re.search(r"Add-VMHardDiskDrive .*'web\.vmdk'", script).group(0)
+    assert "-ControllerType IDE -ControllerNumber 0 -ControllerLocation 0" in boot
+
+
+@pytest.mark.parametrize(("firmware", "generation"), [("bios", "V1"), ("uefi", "V2")])
+def test_azure_gets_an_az_cli_script(firmware: str, generation: str, tmp_path: Path) -> None:
+    """Azure imports no config: page-blob upload, managed disks, ``az vm create`` from them."""
+    vm = _pvscsi_bios_vm()
+    vm.firmware = firmware
+    vm.name = "web server"
+    files, _, _ = convert_config(vm, "azure")
+    ((name, script),) = files.items()
+    assert name == "web-server.azure.sh"
+    bash = shutil.which("bash")
+    if bash:
+        (tmp_path / name).write_text(script)
+        subprocess.run([bash, "-n", str(tmp_path / name)], check=True)
+    lines = script.splitlines()
+    uploads = [ln for ln in lines if ln.startswith("az storage blob upload")]
+    assert len(uploads) == 2 and all("--type page" in ln for ln in uploads)
+    assert "--name web.vhd " in uploads[0] and "--name data.vhd " in uploads[1]
+    (os_disk,) = [ln for ln in lines if "az disk create" in ln and "--os-type" in ln]
+    assert f"--hyper-v-generation {generation}" in os_disk and '/"web.vhd ' in os_disk
+    (create,) = [ln for ln in lines if ln.startswith("az vm create")]
+    assert "--attach-os-disk web-server-osdisk" in create
+    assert "--attach-data-disks web-server-disk1" in create
+    assert "New-VM" not in script  # no Hyper-V cmdlet: Azure runs none
+
+
+def test_xen_ovf_round_trips_the_xen_vbd(tmp_path: Path) -> None:
+    """The xen OVF places the boot VBD on IDE (all OVF can say); reading it back names the
+    disk the Linux guest really uses, xen-blkfront, as the migration result does."""
+    files, _, _ = convert_config(_pvscsi_bios_vm(), "xen")
+    ((name, text),) = files.items()
+    assert "<rasd:ResourceType>5</rasd:ResourceType>" in text.replace("ovf:", "")
+    (tmp_path / name).write_text(text)
+    model = read_config(tmp_path / name)
+    assert [d.controller_model for d in model.disks] == ["xen-blkfront", "xen-blkfront"]
+    vmware = tmp_path / "vmw.ovf"
+    vmware.write_text(next(iter(convert_config(_pvscsi_bios_vm(), "ovf").files.values())))
+    assert read_config(vmware).disks[0].controller_model != "xen-blkfront"

@@ -37,10 +37,14 @@ class GuestSession:
     plan: Any = None  # vmferry.guest.linux.fix.FixPlan, once planned
     written: list[str] = field(default_factory=list)  # guest paths written into the overlay
 
-    def plan_for(self, target: str, firmware: str) -> Any:
+    controller: str | None = None  # the boot controller the plan prepares the guest for
+
+    def plan_for(self, target: str, firmware: str, controller: str | None = None) -> Any:
+        """Plan the repair for the boot disk on ``controller`` (None: the target's preferred)."""
         from vmferry.guest.linux.fix import plan_guest
 
-        self.plan = plan_guest(self.guest, target, firmware=firmware)
+        self.plan = plan_guest(self.guest, target, firmware=firmware, controller=controller)
+        self.controller = controller
         return self.plan
 
     def apply(self) -> list[str]:

@@ -17,10 +17,11 @@ from vmferry.errors import UsageError
 from vmferry.migrate.plan import MigrationPlan
 from vmferry.vm.api import safe_file_name
 from vmferry.vm.model import VmModel
+from vmferry.vm.writers.azure import write_azure
 from vmferry.vm.writers.hyperv import write_hyperv
 from vmferry.vm.writers.libvirt import write_libvirt
 from vmferry.vm.writers.ovf import OVF, write_ovf
-from vmferry.vm.writers.proxmox import write_proxmox
+from vmferry.vm.writers.proxmox import DEFAULT_VMID, write_proxmox
 from vmferry.vm.writers.vbox import write_vbox
 from vmferry.vm.writers.vmx import write_vmx
 
@@ -35,15 +36,19 @@ def render_config(plan: MigrationPlan) -> tuple[dict[str, str], list[str]]:
     elif writer == "libvirt":
         files = write_libvirt(vm, str(plan.outdir))
     elif writer == "proxmox":
-        files = write_proxmox(vm, "local")
-        notes.append("disk volumes are written as 'local:<file>': import the disks there "
-                     "(qm importdisk) or edit the storage name")  # fmt: skip
+        vmid = DEFAULT_VMID
+        notes.append(f"Proxmox: copy {vmid}.conf to /etc/pve/qemu-server/ and the disks to the "
+                     f"'local' storage's images/{vmid}/ (/var/lib/vz/images/{vmid}/); for "
+                     "another VMID or storage rename both the files and the volumes")  # fmt: skip
+        files = write_proxmox(vm, "local", vmid)
     elif writer == "vmx":
         files = write_vmx(vm)
+    elif plan.profile.name == "azure":
+        files = write_azure(vm)
+        notes.append("Azure: run the script with RESOURCE_GROUP, LOCATION and STORAGE_ACCOUNT "
+                     "set (and SIZE): it uploads the VHDs and creates the VM")  # fmt: skip
     elif writer == "hyperv":
         files = write_hyperv(vm)
-        if plan.profile.name == "azure":
-            notes.append("Azure: upload the fixed VHDs and create the VM from them")
     elif writer == "vbox":
         files = write_vbox(vm)
     else:

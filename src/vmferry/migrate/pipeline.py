@@ -5,7 +5,8 @@ exactly like ``vmferry convert`` (zero and unallocated runs are never read nor w
 runs inside data are skipped, so the output stays sparse).  The overlay's changed ranges are the
 only reads that go through the overlay; ranges it changed where the source had no data become
 extra pieces.  The digest of the virtual content (:mod:`vmferry.migrate.digest`) is computed on
-the same buffers, so it costs one hash of the data and no extra read.
+the same buffers, on the reader thread, so it costs one hash of the data, no extra read, and
+overlaps the writes.
 
 The output is written under a temporary name and renamed when complete and synced
 (:class:`~vmferry.ops.atomic.AtomicOutput`), so a killed migration leaves no file that looks
@@ -17,14 +18,13 @@ from __future__ import annotations
 import bisect
 import os
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from vmferry.chain import Chain
 from vmferry.disk import driver_by_name
+from vmferry.disk.readahead import read_ahead
 from vmferry.guest.overlay import Overlay
 from vmferry.migrate.digest import BlockDigest
 from vmferry.ops.atomic import AtomicOutput
@@ -87,12 +87,24 @@ def _split(out: list[tuple[int, int, Reader]], start: int, end: int, reader: Rea
         pos += n
 
 
-def _read_and_hash(
-    digest: BlockDigest, reader: Reader, pos: int, n: int
-) -> tuple[bytes, dict[int, bytes]]:
-    """On the reader thread: the chunk and its whole blocks' digests (overlaps the writes)."""
-    buf = reader(pos, n)
-    return buf, digest.hash_blocks(pos, buf)
+class _HashingReader:
+    """One piece of the plan, read and fed to the digest on the reader thread.
+
+    ``read_ahead`` runs every read on one helper thread, in plan order, so the digest (which
+    must be fed in disk order) is updated there, whole: the main thread only writes.  hashlib
+    releases the GIL, so hashing one chunk overlaps writing the previous one.
+    """
+
+    __slots__ = ("digest", "reader")
+
+    def __init__(self, digest: BlockDigest, reader: Reader) -> None:
+        self.digest = digest
+        self.reader = reader
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = self.reader(offset, length)
+        self.digest.update(offset, buf)
+        return buf
 
 
 def stream_disk(
@@ -121,20 +133,15 @@ def stream_disk(
         out.discard_with(layer.files())
         try:
             progress.start(total, description)
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmferry-read") as pool:
-                pending: deque[Future[tuple[bytes, dict[int, bytes]]]] = deque()
-                for i in range(min(READ_AHEAD, len(plan))):
-                    pos, n, reader = plan[i]
-                    pending.append(pool.submit(_read_and_hash, digest, reader, pos, n))
-                for i, (pos, n, _) in enumerate(plan):
-                    buf, hashes = pending.popleft().result()
-                    if i + READ_AHEAD < len(plan):
-                        apos, an, areader = plan[i + READ_AHEAD]
-                        pending.append(pool.submit(_read_and_hash, digest, areader, apos, an))
-                    digest.update(pos, buf, hashes)
+            chunks = read_ahead(
+                [(_HashingReader(digest, reader), pos, n) for pos, n, reader in plan], READ_AHEAD
+            )
+            try:
+                for (pos, n, _), buf in zip(plan, chunks, strict=True):
+                    view = memoryview(buf)  # pieces of the chunk are written without copies
                     for run_off, run_len in nonzero_runs(buf, pos):
                         rel = run_off - pos
-                        layer.write(run_off, buf[rel : rel + run_len] if run_len != n else buf)
+                        layer.write(run_off, view[rel : rel + run_len] if run_len != n else buf)
                         written += run_len
                     if written - flushed >= WRITEBACK_EVERY:
                         out.file.start_writeback()
@@ -143,6 +150,8 @@ def stream_disk(
                     progress.advance(done)
                     if slow:
                         time.sleep(slow)
+            finally:
+                chunks.close()  # the reader thread has stopped: the digest is complete
             progress.finish()
             layer.flush()
             out_size = layer.virtual_size

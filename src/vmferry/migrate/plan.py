@@ -24,8 +24,9 @@ from vmferry.migrate.guest import GuestProbe, GuestSession, find_guest, kernel_c
 from vmferry.migrate.source import Source, SourceDisk, resolve_source
 from vmferry.vm.api import safe_file_name
 from vmferry.vm.model import Disk
-from vmferry.vm.targets import TargetProfile
+from vmferry.vm.targets import TargetProfile, canonical_controller
 from vmferry.vm.translate import Translation, resolve_target, translate
+from vmferry.vm.writers.proxmox import DEFAULT_VMID, proxmox_disk_file
 
 MIB = 1 << 20
 _TRANSLATE_STRIPS = (".gz", ".vmdk", ".vhdx", ".vhd", ".qcow2", ".vdi", ".img", ".raw", ".avhdx")
@@ -69,6 +70,7 @@ class MigrationPlan:
     boot_index: int
     boot_controller: str | None = None  # forced for the boot disk (the guest has its driver)
     choices: list[str] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)  # the guest could not be prepared: why
     findings: list[Finding] = field(default_factory=list)
     space: dict[str, Any] = field(default_factory=dict)  # required / available / path
 
@@ -104,9 +106,12 @@ def build_plan(
     boot = model.boot_disk()
     boot_index = next(i for i, d in enumerate(model.disks) if d is boot)
     chains: list[Chain | None] = []
+    # Parents may live anywhere in the VM's folder (a VirtualBox snapshot in Snapshots/ has its
+    # base one level up), not only below the top image's own directory.
+    parent_dirs = [src.root, *(allowed_dirs or ())]
     try:
         for sd in src.disks:
-            chains.append(sd.open(allowed_dirs))
+            chains.append(sd.open(parent_dirs))
         order = [boot_index] + [i for i in range(len(chains)) if i != boot_index]
         session, probe = find_guest([(i, chains[i]) for i in order])
     except BaseException:
@@ -126,8 +131,6 @@ def build_plan(
     try:
         _plan_disks(plan, chains)
         if model.firmware in profile.firmware:
-            if session is not None:
-                session.plan_for(profile.name, model.firmware)
             _fit(plan)
     except BaseException:
         plan.close()
@@ -153,6 +156,8 @@ def _plan_disks(plan: MigrationPlan, chains: list[Chain | None]) -> None:
         else:
             layers, size, ranges = [], sd.empty_size or 0, []
             stem = f"{vm_stem}-disk{sd.index + 1}"
+        if plan.profile.writer == "proxmox":  # a directory storage's name for the volume
+            stem = proxmox_disk_file(DEFAULT_VMID, sd.index, "x")[:-2]
         stem = safe_file_name(stem)
         if stem.lower().endswith(_TRANSLATE_STRIPS):
             stem += "-disk"
@@ -198,30 +203,54 @@ def _layer_json(layer: Any) -> dict[str, Any]:
 
 
 def _fit(plan: MigrationPlan) -> None:
-    """Translate the VM for the target and pick the boot controller the guest can use."""
+    """Translate the VM, pick the boot controller and plan the guest repair FOR that controller.
+
+    One decision, used by the config and the repair alike (docs/migrate.md "Boot controller"):
+    a repaired Linux guest goes to the target's preferred boot controller, unless its source
+    controller is one of the target's own (``native_boot``: pvscsi stays pvscsi on VMware).
+    When the repair cannot give every kernel that controller's drivers (the initramfs rule
+    finds a kernel that still lacks them), the boot disk goes to a controller the target boots
+    from that every kernel already drives, and that fallback is reported.  A guest vmferry does
+    not repair (Windows, unreadable) keeps translation's choice: its controller if the target
+    boots from it.
+    """
+    session, profile, fw = plan.guest, plan.profile, plan.firmware
     plan.translation = _translate(plan, None)
-    session, profile = plan.guest, plan.profile
     fitted_boot = plan.boot_disk.fitted if plan.boot_disk else None
     if session is None or fitted_boot is None:
+        if session is not None:
+            session.plan_for(profile.name, fw)
         return
-    chosen = fitted_boot.controller_model or ""
-    per_kernel = kernel_controllers(session, profile, plan.firmware)
-    if not per_kernel:
-        return
-    injected = bool(session.plan and any(c.rule == "initramfs" for c in session.plan.changes))
-    preferred = profile.preferred_boot_controller(plan.firmware)
-    usable = {v: set(c) | ({preferred} if injected else set()) for v, c in per_kernel.items()}
-    if all(chosen in c for c in usable.values()):
-        return
-    everywhere = [m for m in profile.boot_controllers.get(plan.firmware, ())
-                  if all(m in c for c in usable.values())]  # fmt: skip
-    if everywhere:
-        plan.boot_controller = everywhere[0]
-        plan.translation = _translate(plan, everywhere[0])
-        plan.choices.append(
-            f"boot disk on {everywhere[0]} instead of {chosen}: every kernel's initramfs "
-            f"has its drivers, not those of {chosen}"
-        )
+    source_model = canonical_controller(plan.source.model.disks[plan.boot_index].controller_model)
+    if source_model in profile.native_boot and profile.boots_from(fw, source_model or ""):
+        wanted = source_model or ""
+    else:
+        wanted = profile.preferred_boot_controller(fw)
+    session.plan_for(profile.name, fw, wanted)
+    if _cannot_reach_root(session.plan, wanted):
+        per_kernel = kernel_controllers(session, profile, fw)
+        driven = [m for m in profile.boot_controllers.get(fw, ())
+                  if per_kernel and all(m in c for c in per_kernel.values())]  # fmt: skip
+        if driven:
+            plan.fallbacks.append(
+                f"boot disk on {driven[0]} instead of {wanted}: vmferry cannot add the {wanted} "
+                f"drivers to every kernel's initramfs, and every kernel already drives {driven[0]}"
+            )
+            wanted = driven[0]
+            session.plan_for(profile.name, fw, wanted)
+    if wanted != (fitted_boot.controller_model or ""):
+        plan.boot_controller = wanted
+        plan.translation = _translate(plan, wanted)
+
+
+def _cannot_reach_root(fix_plan: Any, controller: str) -> bool:
+    """The repair plan says some kernel cannot reach its root disk on ``controller`` (an error:
+    no kernel can; a warning: that kernel could boot from another controller)."""
+    lacks = f"initramfs lacks drivers for {controller} "
+    return any(
+        f.rule == "initramfs" and (f.severity == "error" or lacks in f.message)
+        for f in fix_plan.findings
+    )
 
 
 def _translate(plan: MigrationPlan, boot_controller: str | None) -> Translation:

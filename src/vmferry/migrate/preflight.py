@@ -88,6 +88,10 @@ def _source_notes(plan: MigrationPlan, out: list[Finding]) -> None:
         out.append(Finding("info", "source-default", note, "used for the target config"))
     for choice in plan.choices:
         out.append(Finding("info", "target-choice", choice, "done in the target config"))
+    for why in plan.fallbacks:
+        out.append(Finding("warning", "boot-controller-fallback", why,
+                           "the target config attaches the boot disk there; the initramfs is "
+                           "left as it is"))  # fmt: skip
 
 
 def _snapshots(plan: MigrationPlan, out: list[Finding]) -> None:

@@ -213,7 +213,7 @@ def _disks(
         dr.verify = verify_disk(d.out_path, plan.fmt.driver, sr.digest, d.virtual_size)
         if overlay is not None and plan.guest is not None:
             dr.guest_after = replan_guest(d.out_path, plan.fmt.driver, plan.profile.name,
-                                          plan.firmware)  # fmt: skip
+                                          plan.firmware, plan.guest.controller)  # fmt: skip
         verify_s += time.monotonic() - t
         _output_json(dr, d)
         if not dr.verify["ok"]:

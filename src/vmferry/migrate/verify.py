@@ -16,28 +16,27 @@ from typing import Any
 
 from vmferry.chain import open_chain
 from vmferry.errors import VmferryError
-from vmferry.migrate.digest import BlockDigest
+from vmferry.migrate.digest import BlockDigest, block_windows
 
 
 def digest_output(path: Path, fmt: str, virtual_size: int) -> tuple[str, bool]:
     """(digest of the first ``virtual_size`` bytes, whether anything past them is non-zero).
 
-    Azure's fixed VHD is rounded up to a whole MiB: its tail must read as zeros.  Chunks are
-    read and hashed on two threads (reads and hashlib release the GIL), combined in order here.
+    Azure's fixed VHD is rounded up to a whole MiB: its tail must read as zeros.  Block-aligned
+    windows over the data (:func:`block_windows`) are read and hashed on two threads (reads and
+    hashlib release the GIL); this thread only combines the block digests in order.
     """
     step = 8 << 20
     with open_chain(path, fmt) as chain:
         d = BlockDigest(virtual_size)
-        pieces = []
-        for ext in chain.map():
-            if ext.data:
-                layer = chain.layers[ext.depth]
-                for pos in range(ext.offset, ext.end, step):
-                    pieces.append((layer, pos, min(step, ext.end - pos)))
+        runs = [(e.offset, e.end) for e in chain.map() if e.data]
+        pieces = block_windows(runs, chain.virtual_size, step)
+        # a written output is one layer: read it directly (thread-safe like the old per-run reads)
+        read = chain.layers[0].read if len(chain.layers) == 1 else chain.read
 
-        def work(piece: tuple[Any, int, int]) -> tuple[int, bytes, dict[int, bytes], bool]:
-            layer, pos, n = piece
-            buf = layer.read(pos, n)
+        def work(piece: tuple[int, int]) -> tuple[int, bytes, dict[int, bytes], bool]:
+            pos, n = piece
+            buf = read(pos, n)
             keep = max(0, min(n, virtual_size - pos))
             head = buf[:keep] if keep != n else buf
             return pos, head, d.hash_blocks(pos, head), keep == n or not buf[keep:].strip(b"\0")
@@ -88,14 +87,17 @@ def verify_disk(path: Path, fmt: str, expected: str, virtual_size: int) -> dict[
     }
 
 
-def replan_guest(path: Path, fmt: str, target: str, firmware: str) -> dict[str, Any]:
-    """Run the guest rules again on the output: a repaired guest plans no change, no error."""
+def replan_guest(
+    path: Path, fmt: str, target: str, firmware: str, controller: str | None = None
+) -> dict[str, Any]:
+    """Run the guest rules again on the output (for the boot controller the repair prepared):
+    a repaired guest plans no change, no error."""
     from vmferry.guest.guest import open_guest
     from vmferry.guest.linux.fix import plan_guest
 
     try:
         with open_chain(path, fmt) as chain:
-            plan = plan_guest(open_guest(chain), target, firmware=firmware)
+            plan = plan_guest(open_guest(chain), target, firmware=firmware, controller=controller)
     except VmferryError as exc:
         return {"bootable": False, "error": str(exc), "remaining_changes": []}
     return {

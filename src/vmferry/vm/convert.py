@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 from vmferry.vm.model import VmModel
 from vmferry.vm.translate import translate
+from vmferry.vm.writers.azure import write_azure
 from vmferry.vm.writers.hyperv import write_hyperv
 from vmferry.vm.writers.libvirt import DEFAULT_DISK_DIR, write_libvirt
 from vmferry.vm.writers.ovf import write_ovf
@@ -50,12 +51,10 @@ def convert_config(
         )
     elif writer == "vmx":
         files = write_vmx(vm)
+    elif tr.target.name == "azure":
+        files = write_azure(vm)
     elif writer == "hyperv":
         files = write_hyperv(vm)
-        if tr.target.name == "azure":
-            not_carried.append(
-                "Azure: upload the fixed VHDs and create the VM from them (no script)"
-            )
     elif writer == "vbox":
         files = write_vbox(vm)
     else:

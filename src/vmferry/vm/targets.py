@@ -327,6 +327,9 @@ class TargetProfile:
     #: (Proxmox: scsi0-30 on one controller, sata0-5, ide0-3, virtio0-15).
     slot_limits: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     notes: tuple[str, ...] = field(default_factory=tuple)
+    #: source boot controllers a repaired Linux guest keeps on this target (its own native or
+    #: paravirtual ones: pvscsi on VMware); any other moves to the preferred boot controller.
+    native_boot: tuple[str, ...] = ()
 
     @property
     def default_disk_format(self) -> str:
@@ -388,6 +391,7 @@ TARGETS: Mapping[str, TargetProfile] = MappingProxyType(
                 ("qcow2", "raw"),
                 None,
                 writer="libvirt",
+                native_boot=("virtio-blk", "virtio-scsi"),
             ),
             TargetProfile(
                 "proxmox",
@@ -402,6 +406,7 @@ TARGETS: Mapping[str, TargetProfile] = MappingProxyType(
                 None,
                 writer="proxmox",
                 slot_limits=_PROXMOX_SLOTS,
+                native_boot=("virtio-blk", "virtio-scsi"),
             ),
             TargetProfile(
                 "hyperv",
@@ -448,6 +453,7 @@ TARGETS: Mapping[str, TargetProfile] = MappingProxyType(
                 ("vmdk-streamOptimized", "vmdk"),
                 62 * TIB,
                 writer="vmx",
+                native_boot=("pvscsi", "lsisas1068", "lsilogic", "buslogic", "nvme"),
             ),
             TargetProfile(
                 "xen",
@@ -512,6 +518,7 @@ TARGETS: Mapping[str, TargetProfile] = MappingProxyType(
                 ("vmdk-streamOptimized",),
                 62 * TIB,
                 writer="ovf",
+                native_boot=("pvscsi", "lsisas1068", "lsilogic", "buslogic"),
             ),
         )
     }

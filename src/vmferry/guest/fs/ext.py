@@ -17,10 +17,8 @@ whose bookkeeping it does not maintain (quota, bigalloc, snapshots, ...).
 
 from __future__ import annotations
 
-import os
 import stat as _stat
 import struct
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -32,6 +30,7 @@ from vmferry.guest.errors import (
     NotADirectoryInGuestError,
     UnsupportedGuestFeatureError,
 )
+from vmferry.guest.fs import clock
 from vmferry.guest.fs.ext_layout import (
     BG_BLOCK_UNINIT,
     BG_INODE_UNINIT,
@@ -716,7 +715,7 @@ class ExtFilesystem(TreeFilesystem):
 
     def _new_inode(self, parent: Inode, mode: int, uid: int, gid: int, extents: bool) -> Inode:
         ino = self._allocate_inode((parent.ino - 1) // self.sb.inodes_per_group)
-        now = int(time.time()) & 0xFFFFFFFF
+        now = clock.now() & 0xFFFFFFFF
         block = (
             ExtentHeader(EXTENT_MAGIC, 0, 4, 0, 0).pack().ljust(60, b"\0") if extents else bytes(60)
         )
@@ -730,7 +729,7 @@ class ExtFilesystem(TreeFilesystem):
             links_count=1,
             flags=EXT4_EXTENTS_FL if extents else 0,
             block=block,
-            generation=int.from_bytes(os.urandom(4), "little"),
+            generation=clock.generation(self.sb.uuid, ino),
             uid_high=(uid >> 16) & 0xFFFF,
             gid_high=(gid >> 16) & 0xFFFF,
         )
@@ -854,7 +853,7 @@ class ExtFilesystem(TreeFilesystem):
 
     def _touch(self, node: Inode) -> None:
         """New mtime/ctime on a directory whose entries changed; checksum and store."""
-        now = int(time.time()) & 0xFFFFFFFF
+        now = clock.now() & 0xFFFFFFFF
         node.base = node.base.replace(mtime=now, ctime=now)
         node.raw[:128] = node.base.pack()
         self._store_inode(node)
@@ -1049,7 +1048,7 @@ class ExtFilesystem(TreeFilesystem):
     def _finish_inode(self, node: Inode, block_field: bytes, size: int, blocks: int) -> None:
         raw_ino = node.raw
         sectors = blocks * (self.block_size // 512)
-        now = int(time.time()) & 0xFFFFFFFF
+        now = clock.now() & 0xFFFFFFFF
         b = node.base.replace(
             size_lo=size & 0xFFFFFFFF,
             size_high=size >> 32,
@@ -1098,7 +1097,7 @@ class ExtFilesystem(TreeFilesystem):
             free_blocks_count_lo=free_blocks & 0xFFFFFFFF,
             free_blocks_count_hi=(free_blocks >> 32) if self.is64 else sb.free_blocks_count_hi,
             free_inodes_count=free_inodes,
-            wtime=int(time.time()) & 0xFFFFFFFF,
+            wtime=clock.now() & 0xFFFFFFFF,
         )
         raw_sb = bytearray(sb.pack())
         if self.metadata_csum:

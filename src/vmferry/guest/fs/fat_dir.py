@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from vmferry.guest.errors import CorruptGuestError, GuestWriteRefusedError
+from vmferry.guest.fs import clock as _clock
 
 ENTRY = 32
 ATTR_READONLY = 0x01
@@ -66,7 +67,7 @@ def short_display(short: bytes, ntres: int) -> str:
 
 def dos_datetime(t: float | None = None) -> tuple[int, int, int]:
     """(date, time, tenths-of-a-second field) for ``t`` (now by default)."""
-    t = time.time() if t is None else t
+    t = _clock.now() if t is None else t
     tm = time.gmtime(t)
     year = min(max(tm.tm_year, 1980), 2107)
     date = ((year - 1980) << 9) | (tm.tm_mon << 5) | tm.tm_mday

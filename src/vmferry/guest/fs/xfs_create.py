@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import stat as _stat
 import struct
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vmferry.guest.errors import CorruptGuestError, GuestLimitError, GuestWriteRefusedError
-from vmferry.guest.fs import xfs_alloc, xfs_rmap
+from vmferry.guest.fs import clock, xfs_alloc, xfs_rmap
 from vmferry.guest.fs.xfs_layout import (
     DIFLAG2_BIGTIME,
     DINODE_V3_CRC,
@@ -181,7 +180,7 @@ def _new_inode(
     sb = fs.sb
     v3 = fs.v5
     bigtime = v3 and bool(sb.features_incompat & INCOMPAT_BIGTIME)
-    stamp = timestamp(time.time_ns(), bigtime)
+    stamp = timestamp(clock.now_ns(), bigtime)
     raw = bytearray(sb.inodesize)
     struct.pack_into(">2sHBBHIII", raw, 0, b"IN", mode, 3 if v3 else 2, fmt, 0, uid, gid, 1)
     raw[32:40] = raw[40:48] = raw[48:56] = stamp

@@ -26,11 +26,10 @@ replayed), mtime/ctime become now, in the bigtime encoding when the inode has th
 from __future__ import annotations
 
 import struct
-import time
 from typing import TYPE_CHECKING
 
 from vmferry.guest.errors import CorruptGuestError, GuestWriteRefusedError
-from vmferry.guest.fs import xfs_alloc, xfs_refcount, xfs_rmap
+from vmferry.guest.fs import clock, xfs_alloc, xfs_refcount, xfs_rmap
 from vmferry.guest.fs.xfs_layout import (
     BIGTIME_EPOCH_OFFSET,
     DIFLAG2_BIGTIME,
@@ -294,7 +293,7 @@ def inode_touched(node: XfsInode, raw: bytearray, size: int) -> bytes:
         tail = DinodeV3.unpack(raw, CORE_SIZE)
         bigtime = bool(tail.flags2 & DIFLAG2_BIGTIME)
         struct.pack_into(">Q", raw, CORE_SIZE + 8, (tail.changecount + 1) & ((1 << 64) - 1))
-    stamp = timestamp(time.time_ns(), bigtime)
+    stamp = timestamp(clock.now_ns(), bigtime)
     raw[CORE_MTIME : CORE_MTIME + 8] = stamp
     raw[CORE_CTIME : CORE_CTIME + 8] = stamp
     if node.core.version == 3:

@@ -127,7 +127,7 @@ def compress_like(kind: str, archive: bytes) -> tuple[bytes, str]:
     xz uses CRC32 checks: the kernel's xz decoder does not verify CRC64 or SHA-256.
     """
     if kind == "gzip":
-        return gzip.compress(archive, 9, mtime=0), kind
+        return gzip.compress(archive, 6, mtime=0), kind
     if kind == "xz":
         return lzma.compress(archive, lzma.FORMAT_XZ, lzma.CHECK_CRC32), kind
     if kind == "zstd" and _zstd is not None:

@@ -11,9 +11,12 @@ whatever the decompressed size; every header field is checked before use.
 from __future__ import annotations
 
 import bz2
+import hashlib
 import lzma
 import re
+import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +42,9 @@ MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 LZ4_LEGACY_BLOCK = 8 << 20
 MAX_CAPTURE = 1 << 20  # one captured member's content (conf/modules and the like)
 _KINDS = {0o040000: "dir", 0o100000: "file", 0o120000: "symlink"}
+#: members always captured (tiny), so one walk answers inspection and driver injection alike
+_ALWAYS_CAPTURE = frozenset({"conf/modules"})
+_CACHE_ENTRIES = 8  # parsed images kept (a guest has a handful of kernels)
 
 _NONZERO = re.compile(rb"[^\0]")
 
@@ -129,6 +135,56 @@ def member_name(name: str) -> str:
     return name.rstrip("/")
 
 
+class _ParseCache:
+    """Parsed images by content (SHA-256 of the whole blob), most recent last.
+
+    Why: one migration asks about the same initramfs several times (inspection, the
+    ``initramfs`` rule, driver injection), and each walk decompresses the whole image (tens
+    of MB through gzip/xz/zstd), which costs far more than hashing it.  Keyed by content,
+    an entry can never answer for other bytes; callers get copies, so nothing they change
+    leaks into the cache.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.entries: OrderedDict[bytes, tuple[frozenset[str], InitramfsInfo]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: bytes, capture: frozenset[str]) -> InitramfsInfo | None:
+        with self.lock:
+            hit = self.entries.get(key)
+            if hit is None or not capture <= hit[0]:
+                return None
+            self.entries.move_to_end(key)
+            return _copy(hit[1], capture)
+
+    def put(self, key: bytes, capture: frozenset[str], info: InitramfsInfo) -> None:
+        with self.lock:
+            self.entries[key] = (capture, _copy(info, capture))
+            self.entries.move_to_end(key)
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+
+
+def _copy(info: InitramfsInfo, capture: frozenset[str]) -> InitramfsInfo:
+    """An independent copy holding only the ``captured`` members asked for."""
+    return InitramfsInfo(
+        segments=[Segment(s.offset, s.compression, s.status, s.members) for s in info.segments],
+        modules=list(info.modules),
+        early_microcode=info.early_microcode,
+        kinds=dict(info.kinds),
+        captured={k: v for k, v in info.captured.items() if k in capture},
+        links=dict(info.links),
+    )
+
+
+_CACHE = _ParseCache(_CACHE_ENTRIES)
+
+
 def read_initramfs(blob: bytes, capture: frozenset[str] = frozenset()) -> InitramfsInfo:
     """Walk every archive of an initramfs image held in ``blob``.
 
@@ -137,8 +193,20 @@ def read_initramfs(blob: bytes, capture: frozenset[str] = frozenset()) -> Initra
 
     A damaged archive raises :class:`CorruptGuestError` (or :class:`GuestLimitError`); an
     archive compressed with something we cannot decompress ends the walk with status
-    ``unknown`` on its segment (nothing after it can be located).
+    ``unknown`` on its segment (nothing after it can be located).  Results are cached by
+    content (:class:`_ParseCache`); errors are not.
     """
+    key = hashlib.sha256(blob).digest()
+    found = _CACHE.get(key, capture)
+    if found is not None:
+        return found
+    wanted = capture | _ALWAYS_CAPTURE
+    info = _walk(blob, wanted)
+    _CACHE.put(key, wanted, info)
+    return _copy(info, capture)
+
+
+def _walk(blob: bytes, capture: frozenset[str]) -> InitramfsInfo:
     info = InitramfsInfo()
     pos = 0
     while pos < len(blob):

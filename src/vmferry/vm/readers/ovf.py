@@ -265,8 +265,25 @@ def model_from_ovf(data: bytes, path: Path | str, *, source_format: str = "ovf")
             )
     for item in disk_items:
         _read_disk(item, by_id, disk_defs, files, vm, path)
+    if _is_xen(hw):
+        # XenServer's OVF: every disk is a Xen VBD.  OVF can only place it on IDE (the emulated
+        # disk an HVM guest's firmware boots from); a Linux kernel with xen-blkfront unplugs the
+        # emulated disks and reads the VBD as /dev/xvdX.  vmferry's model calls that xen-blkfront.
+        for d in vm.disks:
+            if d.controller == "ide" and d.device == "disk":
+                d.controller, d.controller_model = "xen", "xen-blkfront"
     vm.disks.sort(key=lambda d: (_KIND_ORDER.get(d.controller, 9), d.bus, d.unit))
     return vm
+
+
+def _is_xen(hw: Element) -> bool:
+    """The hardware section's VirtualSystemType names a Xen family (``xen-3.0-...``)."""
+    for system in hw:
+        if local(system.tag) == "System":
+            for child in system:
+                if local(child.tag) == "VirtualSystemType" and child.text:
+                    return any(t.strip().lower().startswith("xen") for t in child.text.split())
+    return False
 
 
 MAX_OVA_SCAN = 64

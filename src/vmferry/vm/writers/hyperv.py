@@ -35,11 +35,14 @@ def write_hyperv(vm: VmModel) -> dict[str, str]:
     existing = 1 if gen == 2 else 0  # a Generation 2 VM comes with SCSI controller 0
     for _ in range(max(0, len(scsi_controllers) - existing)):
         out.append("Add-VMScsiController -VMName $VmName")
+    boot = next((d for d in vm.disks if d.boot_order == 1), vm.disks[0] if vm.disks else None)
     for d in sorted(vm.disks, key=lambda d: (d.boot_order is None, d.controller, d.bus, d.unit)):
-        ctype = "IDE" if d.controller == "ide" else "SCSI"
+        ctype, bus, unit = ("IDE" if d.controller == "ide" else "SCSI"), d.bus, d.unit
+        if gen == 1 and d is boot and ctype != "IDE":  # Generation 1 boots from IDE only
+            ctype, bus, unit = "IDE", 0, 0
         out.append(
-            f"Add-VMHardDiskDrive -VMName $VmName -ControllerType {ctype} -ControllerNumber {d.bus}"
-            f" -ControllerLocation {d.unit} -Path (Join-Path $DiskDir {_ps(d.path or '')})"
+            f"Add-VMHardDiskDrive -VMName $VmName -ControllerType {ctype} -ControllerNumber {bus}"
+            f" -ControllerLocation {unit} -Path (Join-Path $DiskDir {_ps(d.path or '')})"
         )
     for cd in vm.cdroms:
         path = f" -Path {_ps(cd.path)}" if cd.path and cd.path.lower().endswith(".iso") else ""
@@ -59,7 +62,6 @@ def write_hyperv(vm: VmModel) -> dict[str, str]:
     for port in vm.serial_ports[:2]:
         pipe = "\\\\.\\pipe\\" + f"{vm.name}-com{port.index + 1}"
         out.append(f"Set-VMComPort -VMName $VmName -Number {port.index + 1} -Path {_ps(pipe)}")
-    boot = next((d for d in vm.disks if d.boot_order == 1), vm.disks[0] if vm.disks else None)
     if gen == 2:
         sb = "On" if vm.secure_boot else "Off"
         template = "MicrosoftWindows" if windows else "MicrosoftUEFICertificateAuthority"

@@ -1,8 +1,12 @@
 """Proxmox VE ``qemu-server`` config (``/etc/pve/qemu-server/<vmid>.conf``).
 
-Volumes are written as ``<storage>:<file>``; the disks still have to be imported into that
-storage (``qm disk import``), which is the migrate command's job, so the storage name is a
-parameter.  Proxmox has one SCSI controller model per VM (``scsihw``), which translation ensures.
+With a ``vmid``, volumes are named the way a Proxmox *directory* storage names them,
+``<storage>:<vmid>/<file>`` with the file at ``<storage path>/images/<vmid>/<file>`` (files
+named ``vm-<vmid>-disk-<n>.<ext>``, as ``qm`` allocates them), and the config is ``<vmid>.conf``:
+copying the files there makes a VM Proxmox starts.  ``vmferry migrate`` names its outputs so.
+Without one (``vm convert``, whose disks are converted separately), volumes are written as
+``<storage>:<file>`` and the disks still have to be imported (``qm disk import``).  Proxmox has
+one SCSI controller model per VM (``scsihw``), which translation ensures.
 """
 
 from __future__ import annotations
@@ -62,7 +66,16 @@ def _slot_key(d: Disk) -> str:
     return f"scsi{d.unit}"
 
 
-def write_proxmox(vm: VmModel, storage: str = "local") -> dict[str, str]:
+#: the VMID ``vmferry migrate`` writes (Proxmox's first free id on a new host)
+DEFAULT_VMID = 100
+
+
+def proxmox_disk_file(vmid: int, n: int, ext: str) -> str:
+    """The file name Proxmox gives disk ``n`` of VM ``vmid`` on a directory storage."""
+    return f"vm-{vmid}-disk-{n}.{ext}"
+
+
+def write_proxmox(vm: VmModel, storage: str = "local", vmid: int | None = None) -> dict[str, str]:
     lines = [f"name: {proxmox_name(vm.name)}", f"memory: {vm.memory_mb}"]
     cores = vm.cores_per_socket or vm.cpus
     lines += [f"cores: {cores}", f"sockets: {vm.cpus // cores}"]
@@ -86,7 +99,8 @@ def write_proxmox(vm: VmModel, storage: str = "local") -> dict[str, str]:
     for d in sorted(vm.disks, key=lambda d: d.boot_order or 1 << 20):
         key = _slot_key(d)
         new_gib = -(-(d.size_bytes or 1024**3) // 1024**3)
-        vol = f"{storage}:{d.path}" if d.path else f"{storage}:{new_gib}"
+        where = f"{vmid}/{d.path}" if vmid is not None and d.path else d.path
+        vol = f"{storage}:{where}" if d.path else f"{storage}:{new_gib}"
         size = f",size={_size(d.size_bytes)}" if d.size_bytes else ""
         lines.append(f"{key}: {vol}{size}")
         if d.boot_order is not None:
@@ -102,7 +116,8 @@ def write_proxmox(vm: VmModel, storage: str = "local") -> dict[str, str]:
         lines.append(f"serial{port.index}: socket")
     if order:
         lines.append("boot: order=" + ";".join(order))
-    return {f"{proxmox_name(vm.name)}.conf": "\n".join(lines) + "\n"}
+    name = f"{vmid}.conf" if vmid is not None else f"{proxmox_name(vm.name)}.conf"
+    return {name: "\n".join(lines) + "\n"}
 
 
 def _size(size: int) -> str:
