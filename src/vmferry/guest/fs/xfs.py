@@ -14,7 +14,6 @@ allocation on reverse-mapping (rmapbt) filesystems.
 
 from __future__ import annotations
 
-import stat as _stat
 import struct
 from dataclasses import dataclass
 
@@ -26,7 +25,7 @@ from vmferry.guest.errors import (
 )
 from vmferry.guest.fs import xfs_create, xfs_write
 from vmferry.guest.fs.tree import MAX_FILE_READ, MAX_PATH, TreeFilesystem
-from vmferry.guest.fs.types import DirEntry, Stat
+from vmferry.guest.fs.types import DirEntry, Stat, kind_of_mode
 from vmferry.guest.fs.xfs_layout import (
     FMT_BTREE,
     FMT_EXTENTS,
@@ -56,15 +55,7 @@ class XfsInode:
 
     @property
     def kind(self) -> str:
-        return {
-            _stat.S_IFREG: "file",
-            _stat.S_IFDIR: "dir",
-            _stat.S_IFLNK: "symlink",
-            _stat.S_IFCHR: "chr",
-            _stat.S_IFBLK: "blk",
-            _stat.S_IFIFO: "fifo",
-            _stat.S_IFSOCK: "sock",
-        }.get(self.core.mode & 0o170000, "unknown")
+        return kind_of_mode(self.core.mode)
 
 
 class XfsFilesystem(TreeFilesystem):
