@@ -28,12 +28,11 @@ from vmferry.disk.readahead import read_ahead
 from vmferry.guest.overlay import Overlay
 from vmferry.migrate.digest import BlockDigest
 from vmferry.ops.atomic import AtomicOutput
+from vmferry.ops.convert import write_nonzero
 from vmferry.ops.progress import NoProgress, Progress
-from vmferry.ops.sparse import nonzero_runs
 
 CHUNK = 8 << 20
 READ_AHEAD = 2
-WRITEBACK_EVERY = 64 << 20
 #: test hook: seconds to sleep after each chunk (a kill test needs a migration caught mid-disk);
 #: inert unless set
 SLOW_ENV = "VMFERRY_TEST_SLOW_CHUNK"
@@ -125,7 +124,6 @@ def stream_disk(
     slow = float(os.environ.get(SLOW_ENV, "0") or 0)
     started = time.monotonic()
     digest = BlockDigest(virtual_size)
-    written = flushed = done = 0
     with AtomicOutput(out_path) as out:
         assert out.file is not None
         out.file.cache_unsafe = True  # synced once, whole, before the rename
@@ -137,19 +135,14 @@ def stream_disk(
                 [(_HashingReader(digest, reader), pos, n) for pos, n, reader in plan], READ_AHEAD
             )
             try:
-                for (pos, n, _), buf in zip(plan, chunks, strict=True):
-                    view = memoryview(buf)  # pieces of the chunk are written without copies
-                    for run_off, run_len in nonzero_runs(buf, pos):
-                        rel = run_off - pos
-                        layer.write(run_off, view[rel : rel + run_len] if run_len != n else buf)
-                        written += run_len
-                    if written - flushed >= WRITEBACK_EVERY:
-                        out.file.start_writeback()
-                        flushed = written
-                    done += n
-                    progress.advance(done)
-                    if slow:
-                        time.sleep(slow)
+                written = write_nonzero(
+                    [(pos, n) for pos, n, _ in plan],
+                    chunks,
+                    layer,
+                    progress,
+                    writeback=True,
+                    after_chunk=(lambda: time.sleep(slow)) if slow else None,
+                )
             finally:
                 chunks.close()  # the reader thread has stopped: the digest is complete
             progress.finish()

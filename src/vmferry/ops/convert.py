@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,24 +82,45 @@ def copy_chain(
     """
     plan, total = _read_plan(src)
     progress.start(total, "converting")
-    done = written = flushed = 0
     chunks = read_ahead(plan)
     try:
-        for (_, pos, n), buf in zip(plan, chunks, strict=True):
-            view = memoryview(buf)  # pieces of the chunk are written without copies
-            for run_off, run_len in nonzero_runs(buf, pos):
-                rel = run_off - pos
-                dst.write(run_off, view[rel : rel + run_len] if run_len != n else buf)
-                written += run_len
-            if written - flushed >= WRITEBACK_EVERY and writeback:
-                dst.file.start_writeback()  # the final sync then finds little left to do
-                flushed = written
-            done += n
-            progress.advance(done)
+        written = write_nonzero(
+            [(pos, n) for _, pos, n in plan], chunks, dst, progress, writeback=writeback
+        )
     finally:
         chunks.close()
     progress.finish()
     return total, written
+
+
+def write_nonzero(
+    spans: Sequence[tuple[int, int]],
+    chunks: Iterable[bytes],
+    dst: DiskFormat,
+    progress: Progress,
+    *,
+    writeback: bool,
+    after_chunk: Callable[[], None] | None = None,
+) -> int:
+    """Write each chunk (read at its ``(offset, length)`` span) into the fresh layer ``dst``,
+    leaving out its 4 KiB zero runs (a fresh layer reads as zeros there); returns the bytes
+    written.  ``writeback``: start writing finished data to disk every WRITEBACK_EVERY bytes,
+    for an output synced at the end, so that sync finds little left to do."""
+    done = written = flushed = 0
+    for (pos, n), buf in zip(spans, chunks, strict=True):
+        view = memoryview(buf)  # pieces of the chunk are written without copies
+        for run_off, run_len in nonzero_runs(buf, pos):
+            rel = run_off - pos
+            dst.write(run_off, view[rel : rel + run_len] if run_len != n else buf)
+            written += run_len
+        if writeback and written - flushed >= WRITEBACK_EVERY:
+            dst.file.start_writeback()
+            flushed = written
+        done += n
+        progress.advance(done)
+        if after_chunk is not None:
+            after_chunk()
+    return written
 
 
 def convert(
