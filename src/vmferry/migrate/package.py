@@ -17,13 +17,9 @@ from vmferry.errors import UsageError
 from vmferry.migrate.plan import MigrationPlan
 from vmferry.vm.api import safe_file_name
 from vmferry.vm.model import VmModel
-from vmferry.vm.writers.azure import write_azure
-from vmferry.vm.writers.hyperv import write_hyperv
-from vmferry.vm.writers.libvirt import write_libvirt
+from vmferry.vm.writers import render_target_config
 from vmferry.vm.writers.ovf import OVF, write_ovf
-from vmferry.vm.writers.proxmox import DEFAULT_VMID, write_proxmox
-from vmferry.vm.writers.vbox import write_vbox
-from vmferry.vm.writers.vmx import write_vmx
+from vmferry.vm.writers.proxmox import DEFAULT_VMID
 
 
 def render_config(plan: MigrationPlan) -> tuple[dict[str, str], list[str]]:
@@ -33,26 +29,20 @@ def render_config(plan: MigrationPlan) -> tuple[dict[str, str], list[str]]:
     writer, notes = plan.profile.writer, []
     if plan.fmt.ova:
         files = write_ovf(vm, "vmx-14")
-    elif writer == "libvirt":
-        files = write_libvirt(vm, str(plan.outdir))
-    elif writer == "proxmox":
-        vmid = DEFAULT_VMID
-        notes.append(f"Proxmox: copy {vmid}.conf to /etc/pve/qemu-server/ and the disks to the "
-                     f"'local' storage's images/{vmid}/ (/var/lib/vz/images/{vmid}/); for "
-                     "another VMID or storage rename both the files and the volumes")  # fmt: skip
-        files = write_proxmox(vm, "local", vmid)
-    elif writer == "vmx":
-        files = write_vmx(vm)
-    elif plan.profile.name == "azure":
-        files = write_azure(vm)
-        notes.append("Azure: run the script with RESOURCE_GROUP, LOCATION and STORAGE_ACCOUNT "
-                     "set (and SIZE): it uploads the VHDs and creates the VM")  # fmt: skip
-    elif writer == "hyperv":
-        files = write_hyperv(vm)
-    elif writer == "vbox":
-        files = write_vbox(vm)
     else:
-        files = write_ovf(vm, "xen-3.0-unknown" if plan.profile.name == "xen" else "vmx-14")
+        vmid = DEFAULT_VMID if writer == "proxmox" else None
+        files = render_target_config(vm, plan.profile, disk_dir=str(plan.outdir), vmid=vmid)
+        if writer == "proxmox":
+            notes.append(
+                f"Proxmox: copy {vmid}.conf to /etc/pve/qemu-server/ and the disks to "
+                f"the 'local' storage's images/{vmid}/ (/var/lib/vz/images/{vmid}/); "
+                "for another VMID or storage rename both the files and the volumes"
+            )
+        elif plan.profile.name == "azure":
+            notes.append(
+                "Azure: run the script with RESOURCE_GROUP, LOCATION and "
+                "STORAGE_ACCOUNT set (and SIZE): it uploads the VHDs and creates the VM"
+            )
     return {safe_file_name(name): text for name, text in files.items()}, notes
 
 

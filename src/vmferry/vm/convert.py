@@ -6,13 +6,9 @@ from typing import NamedTuple
 
 from vmferry.vm.model import VmModel
 from vmferry.vm.translate import translate
-from vmferry.vm.writers.azure import write_azure
-from vmferry.vm.writers.hyperv import write_hyperv
-from vmferry.vm.writers.libvirt import DEFAULT_DISK_DIR, write_libvirt
-from vmferry.vm.writers.ovf import write_ovf
-from vmferry.vm.writers.proxmox import proxmox_bridge, write_proxmox
-from vmferry.vm.writers.vbox import write_vbox
-from vmferry.vm.writers.vmx import write_vmx
+from vmferry.vm.writers import render_target_config
+from vmferry.vm.writers.libvirt import DEFAULT_DISK_DIR
+from vmferry.vm.writers.proxmox import proxmox_bridge
 
 
 class Conversion(NamedTuple):
@@ -39,26 +35,15 @@ def convert_config(
     tr = translate(model, target, keep_macs=keep_macs, boot_controller=boot_controller)
     vm, writer = tr.model, tr.target.writer
     not_carried = list(tr.not_carried)
-    if writer == "libvirt":
-        files = write_libvirt(vm, disk_dir)
-    elif writer == "proxmox":
-        files = write_proxmox(vm, storage)
+    files = render_target_config(vm, tr.target, disk_dir=disk_dir, storage=storage)
+    if writer == "proxmox":
         for i, nic in enumerate(vm.nics):
             if nic.network and proxmox_bridge(nic.network) != nic.network:
                 tr.choices.append(f"NIC {i}: network {nic.network!r} is no bridge name → vmbr0")
         not_carried.append(
             f"disk volumes are written as '{storage}:<file>': import the disks there"
         )
-    elif writer == "vmx":
-        files = write_vmx(vm)
-    elif tr.target.name == "azure":
-        files = write_azure(vm)
-    elif writer == "hyperv":
-        files = write_hyperv(vm)
-    elif writer == "vbox":
-        files = write_vbox(vm)
-    else:
-        files = write_ovf(vm, "xen-3.0-unknown" if tr.target.name == "xen" else "vmx-14")
+    elif writer == "ovf":
         if any(d.size_bytes is None for d in vm.disks):
             tr.choices.append(
                 "disk capacity unknown: written as 0; set it from the converted disks"
