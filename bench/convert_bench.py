@@ -2,33 +2,57 @@
 """vmferry convert against qemu-img convert on the same inputs, in one run.
 
 A disk of --size (default 4 GiB) is half filled with random data (alternating 32 MiB runs of
-data and holes) as raw, VHD and VHDX (made by qemu-img); every pair is converted by both tools,
-best of --repeat runs each (the tools taking turns), and the ratio vmferry/qemu-img printed
-(< 1.0: vmferry is faster) twice, like for like: vmferry (which syncs its output before renaming
-it into place) against qemu-img followed by an fsync of its output, and ``vmferry convert
---no-sync`` against bare qemu-img (whose default cache mode for convert is "unsafe": it returns
-with the data in the page cache).  A second table times an empty 100 GiB dynamic disk, where
-time must follow allocated data.  CPU seconds (user + sys, median of the runs) are printed for
-the unsynced runs: on a shared machine they move far less with the load than wall time.
-vmferry runs with its bytecode cached, as an installed package does (see benchenv.py).
+data and holes) as raw and every other format of --formats (made by qemu-img); every pair is
+converted by both tools in --repeat rounds, and each pair's ratio vmferry ÷ qemu-img (< 1.0:
+vmferry is faster) is printed twice, like for like:
 
-    python3 bench/convert_bench.py [--size 4G] [--repeat 2] [--markdown]
+* synced: vmferry (which makes its output durable before renaming it into place) against
+  qemu-img followed by an fsync of its output (``sync FILE``);
+* unsynced: ``vmferry convert --no-sync`` against bare qemu-img (whose default cache mode for
+  convert, "unsafe", returns with the data in the page cache).
+
+The ratio is the median over rounds of the two tools' times *in the same round*, each run
+preceded by a settle pause (--settle; see benchenv.py for why best-of-N alone compares luck on
+this VM).  Best wall times and median CPU seconds (user + sys) are printed beside it.  With
+--qemu-direct a column adds ``qemu-img convert -t none`` + fsync (qemu-img's own O_DIRECT output
+mode) and vmferry's synced time against it: informative only, the targets stay against
+qemu-img's default mode.  A second table times an empty 100 GiB dynamic disk, where time must
+follow allocated data.  vmferry runs with its bytecode cached, as an installed package does.
+
+    python3 bench/convert_bench.py --size 4G --repeat 5 --via-raw \\
+        --formats raw,vhd,vhdx,qcow2,vdi,vmdk --qemu-direct --markdown
+    python3 bench/convert_bench.py --size 64M --repeat 2 --settle 0.5 --via-raw \\
+        --formats raw,qcow2                                   # a quick check that it runs
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchenv import run_timed, vmferry_env, vmferry_script, warm_up
+from benchenv import (
+    Contender,
+    Machine,
+    Pair,
+    Sample,
+    Table,
+    add_method_args,
+    best,
+    command_line,
+    median_cpu,
+    method_line,
+    run_rounds,
+    run_timed,
+    vmferry_env,
+    vmferry_script,
+    warm_up,
+)
 
 
 @dataclass(frozen=True)
@@ -80,49 +104,35 @@ def make_raw(path: Path, size: int) -> None:
                 remaining -= n
 
 
-def timed(
-    cmd: list[str], out: Path, durable: bool, env: dict[str, str] | None
-) -> tuple[float, float]:
-    """(seconds until the output exists (with ``durable``, is on disk: fsync'd), CPU seconds).
-
-    vmferry syncs its output before renaming it into place; qemu-img convert returns with the
-    data still in the page cache.  The fair anchor for "the copy is safe" is qemu-img followed
-    by an fsync of its output (coreutils ``sync FILE``), printed beside qemu-img alone.
-    """
-    elapsed, cpu, _ = run_timed(cmd, env)
-    if durable:
-        elapsed += run_timed(["sync", str(out)])[0]
-    return elapsed, cpu
-
-
 #: environment of vmferry runs (cached bytecode); set in main
 VMFERRY_ENV: dict[str, str] | None = None
 
 
-def round_robin(
-    repeat: int, runs: list[tuple[list[str], bool]], out: Path
-) -> list[tuple[float, float]]:
-    """(best wall time, median CPU time) of each run, the runs taking turns: the page cache and
-    the host's load drift over a benchmark, and turns spread that drift over every tool."""
-    walls: list[list[float]] = [[] for _ in runs]
-    cpus: list[list[float]] = [[] for _ in runs]
-    for _ in range(repeat):
-        for i, (cmd, durable) in enumerate(runs):
-            if out.exists():
-                out.unlink()
-            subprocess.run(["sync"])
-            env = VMFERRY_ENV if cmd[0] == vmferry_script() else None
-            wall, cpu = timed(cmd, out, durable, env)
-            walls[i].append(wall)
-            cpus[i].append(cpu)
-    return [(min(w), statistics.median(c)) for w, c in zip(walls, cpus, strict=True)]
+def contender(name: str, cmd: list[str], out: Path, durable: bool) -> Contender:
+    """``cmd`` writing ``out``; with ``durable`` the time runs until ``out`` is fsync'd.
+
+    vmferry syncs its output before renaming it into place; qemu-img convert returns with the
+    data still in the page cache.  The fair anchor for "the copy is safe" is qemu-img followed
+    by an fsync of its output (coreutils ``sync FILE``), printed beside qemu-img alone.  The CPU
+    time is the tool's own (the fsync's writeback runs in kernel threads, not in ``sync``).
+    """
+    env = VMFERRY_ENV if cmd[0] == vmferry_script() else None
+
+    def run() -> Sample:
+        wall, cpu, _ = run_timed(cmd, env)
+        if durable:
+            wall += run_timed(["sync", str(out)])[0]
+        return Sample(wall, cpu)
+
+    return Contender(name, run, outputs=(out,))
 
 
-def qemu_cmd(src: Path, sname: str, dst: Path, dname: str) -> list[str]:
+def qemu_cmd(src: Path, sname: str, dst: Path, dname: str, *, direct: bool = False) -> list[str]:
     sv, dv = VARIANTS[sname], VARIANTS[dname]
     return [
         "qemu-img",
         "convert",
+        *(["-t", "none"] if direct else []),
         "-f",
         sv.qemu_fmt,
         "-O",
@@ -155,34 +165,41 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--size", default="4G")
-    ap.add_argument("--repeat", type=int, default=2)
+    add_method_args(ap, rounds=3)
     ap.add_argument("--formats", default="raw,vhd,vhdx", help=f"of {', '.join(VARIANTS)}")
     ap.add_argument(
         "--via-raw",
         action="store_true",
         help="only raw -> X and X -> raw (instead of every pair)",
     )
+    ap.add_argument(
+        "--qemu-direct",
+        action="store_true",
+        help="add qemu-img convert -t none (O_DIRECT output) + fsync, informative",
+    )
+    ap.add_argument("--skip-empty", action="store_true", help="no empty 100 GiB table")
+    ap.add_argument("--markdown", action="store_true", help="print a BENCHMARKS.md-ready block")
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
     args = ap.parse_args()
     size = parse_size(args.size)
     formats = args.formats.split(",")
+    unknown = [f for f in formats if f not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown format(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     for tool in ("qemu-img", vmferry_script()):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: run scripts/install-deps first")
+    machine = Machine.capture()
     work = Path(args.dir or tempfile.mkdtemp(prefix="vmferry-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     global VMFERRY_ENV
     VMFERRY_ENV = vmferry_env(work)
     warm_up(VMFERRY_ENV, work, formats)
-    qemu_version = subprocess.run(["qemu-img", "--version"], capture_output=True, text=True)
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}, {qemu_version.stdout.splitlines()[0]}"
-    )
-    print(
-        f"input: {size >> 20} MiB virtual, half random data in {RUN >> 20} MiB runs; "
-        f"best of {args.repeat}\n"
-    )
+    live = sys.stderr if args.markdown else sys.stdout
+    method = method_line(args.repeat, args.settle)
+    what = f"input: {size >> 20} MiB virtual, half random data in {RUN >> 20} MiB runs"
+    print(f"machine: {machine.line()}\n{what}\n{method}\n", file=live, flush=True)
+
     sources: dict[str, Path] = {}
     raw = work / "src.raw"
     make_raw(raw, size)
@@ -192,61 +209,142 @@ def main() -> None:
             p = work / f"src-{fmt}{VARIANTS[fmt].ext}"
             subprocess.run(qemu_cmd(raw, "raw", p, fmt), check=True)
             sources[fmt] = p
-    print(
-        "| source | target | qemu-img + fsync s | vmferry s (synced) | ratio synced "
-        "| qemu-img s | vmferry --no-sync s | ratio unsynced "
-        "| qemu-img cpu s | vmferry --no-sync cpu s | cpu ratio |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+
+    headers = [
+        "source",
+        "target",
+        "qemu-img + fsync s",
+        "vmferry s (synced)",
+        "ratio synced",
+        "qemu-img s",
+        "vmferry --no-sync s",
+        "ratio unsynced",
+        "qemu-img cpu s",
+        "vmferry --no-sync cpu s",
+        "cpu ratio",
+    ]
+    if args.qemu_direct:
+        headers += ["qemu-img -t none + fsync s", "vmferry ÷ -t none"]
+    table = Table(headers, markdown=args.markdown)
     worst = worst_unsynced = worst_compressed = 0.0
     pairs = [(a, b) for a in formats for b in formats if not (a == b == "raw")]
     if args.via_raw:
         pairs = [(a, b) for a, b in pairs if "raw" in (a, b)]
     for sfmt, dfmt in pairs:
-        out = work / f"out{VARIANTS[dfmt].ext}"
-        qcmd = qemu_cmd(sources[sfmt], sfmt, out, dfmt)
-        vcmd = vmferry_cmd(sources[sfmt], sfmt, out, dfmt)
-        vncmd = vmferry_cmd(sources[sfmt], sfmt, out, dfmt, sync=False)
-        (qs, _), (v, _), (q, qc), (vn, vc) = round_robin(
-            args.repeat, [(qcmd, True), (vcmd, False), (qcmd, False), (vncmd, False)], out
-        )
-        if dfmt in COMPRESSED:
-            worst_compressed = max(worst_compressed, v / qs, vn / q)
-        else:
-            worst = max(worst, v / qs)
-            worst_unsynced = max(worst_unsynced, vn / q)
-        print(
-            f"| {sfmt} | {dfmt} | {qs:.2f} | {v:.2f} | {v / qs:.2f} "
-            f"| {q:.2f} | {vn:.2f} | {vn / q:.2f} | {qc:.2f} | {vc:.2f} | {vc / qc:.2f} |",
-            flush=True,
-        )
-        out.unlink()
-    print(f"\nworst ratio, both synced: {worst:.2f} (target <= 1.0)")
-    print(f"worst ratio, neither synced: {worst_unsynced:.2f} (target <= 1.0)")
-    if worst_compressed:
-        print(f"worst compressed-output ratio: {worst_compressed:.2f} (target <= 0.67)")
-    print()
-    print("| empty 100 GiB dynamic | target | qemu-img s | vmferry s | ratio |")
-    print("|---|---|---|---|---|")
-    for fmt in [f for f in formats if f != "raw" and f not in COMPRESSED]:
-        empty = work / f"empty{VARIANTS[fmt].ext}"
-        subprocess.run(
-            ["qemu-img", "create", "-q", "-f", VARIANTS[fmt].qemu_fmt, str(empty), "100G"],
-            check=True,
-        )
-        for dfmt in ("raw", fmt) if args.via_raw else formats:
-            out = work / f"out{VARIANTS[dfmt].ext}"
-            (q, _), (v, _) = round_robin(
-                args.repeat,
+        src, out = sources[sfmt], work / f"out{VARIANTS[dfmt].ext}"
+        # the synced pair and the unsynced pair each adjacent, vmferry synced between its two
+        # anchors: reversing the order every other round keeps all of them back to back
+        contenders = [
+            contender("qemu-img + fsync", qemu_cmd(src, sfmt, out, dfmt), out, True),
+            contender("vmferry", vmferry_cmd(src, sfmt, out, dfmt), out, False),
+            *(
                 [
-                    (qemu_cmd(empty, fmt, out, dfmt), False),
-                    (vmferry_cmd(empty, fmt, out, dfmt), False),
-                ],
-                out,
+                    contender(
+                        "qemu-img -t none + fsync",
+                        qemu_cmd(src, sfmt, out, dfmt, direct=True),
+                        out,
+                        True,
+                    )
+                ]
+                if args.qemu_direct
+                else []
+            ),
+            contender("qemu-img", qemu_cmd(src, sfmt, out, dfmt), out, False),
+            contender(
+                "vmferry --no-sync", vmferry_cmd(src, sfmt, out, dfmt, sync=False), out, False
+            ),
+        ]
+        runs = run_rounds(args.repeat, contenders, args.settle)
+        synced = Pair(runs["vmferry"], runs["qemu-img + fsync"])
+        unsynced = Pair(runs["vmferry --no-sync"], runs["qemu-img"])
+        if dfmt in COMPRESSED:
+            worst_compressed = max(worst_compressed, synced.ratio, unsynced.ratio)
+        else:
+            worst = max(worst, synced.ratio)
+            worst_unsynced = max(worst_unsynced, unsynced.ratio)
+        cells = [
+            sfmt,
+            dfmt,
+            f"{synced.best_anchor:.2f}",
+            f"{synced.best_ours:.2f}",
+            synced.ratio_cell(),
+            f"{unsynced.best_anchor:.2f}",
+            f"{unsynced.best_ours:.2f}",
+            unsynced.ratio_cell(),
+            f"{unsynced.cpu_anchor:.2f}",
+            f"{unsynced.cpu_ours:.2f}",
+            f"{unsynced.cpu_ours / unsynced.cpu_anchor:.2f}" if unsynced.cpu_anchor else "-",
+        ]
+        if args.qemu_direct:
+            direct = Pair(runs["vmferry"], runs["qemu-img -t none + fsync"])
+            cells += [f"{direct.best_anchor:.2f}", direct.ratio_cell()]
+        table.add(*cells)
+        out.unlink(missing_ok=True)
+    summary = [
+        f"worst ratio, both synced: {worst:.2f} (target <= 1.0)",
+        f"worst ratio, neither synced: {worst_unsynced:.2f} (target <= 1.0)",
+    ]
+    if worst_compressed:
+        summary.append(f"worst compressed-output ratio: {worst_compressed:.2f} (target <= 0.67)")
+    print("\n" + "\n".join(summary) + "\n", file=live, flush=True)
+
+    empty_table = None
+    empty_formats = [f for f in formats if f != "raw" and f not in COMPRESSED]
+    if empty_formats and not args.skip_empty:
+        empty_table = Table(
+            [
+                "empty 100 GiB dynamic",
+                "target",
+                "qemu-img s",
+                "vmferry s",
+                "ratio",
+                "qemu-img cpu s",
+                "vmferry cpu s",
+            ],
+            markdown=args.markdown,
+        )
+        for fmt in empty_formats:
+            empty = work / f"empty{VARIANTS[fmt].ext}"
+            subprocess.run(
+                ["qemu-img", "create", "-q", "-f", VARIANTS[fmt].qemu_fmt, str(empty), "100G"],
+                check=True,
             )
-            print(f"| {fmt} | {dfmt} | {q:.2f} | {v:.2f} | {v / q:.2f} |", flush=True)
-            out.unlink()
-        empty.unlink()
+            for dfmt in ("raw", fmt) if args.via_raw else formats:
+                out = work / f"out{VARIANTS[dfmt].ext}"
+                runs = run_rounds(
+                    args.repeat,
+                    [
+                        contender("qemu-img", qemu_cmd(empty, fmt, out, dfmt), out, False),
+                        contender("vmferry", vmferry_cmd(empty, fmt, out, dfmt), out, False),
+                    ],
+                    args.settle,
+                )
+                pair = Pair(runs["vmferry"], runs["qemu-img"])
+                empty_table.add(
+                    fmt,
+                    dfmt,
+                    f"{best(runs['qemu-img']):.2f}",
+                    f"{best(runs['vmferry']):.2f}",
+                    pair.ratio_cell(),
+                    f"{median_cpu(runs['qemu-img']):.2f}",
+                    f"{median_cpu(runs['vmferry']):.2f}",
+                )
+                out.unlink(missing_ok=True)
+            empty.unlink()
+    if args.markdown:
+        blocks = [
+            f"`{command_line()}`",
+            f"Machine: {machine.line(end=True)}.",
+            f"Input: {what.removeprefix('input: ')}; {method}.",
+            table.markdown(),
+            "\n".join(f"* {line}" for line in summary),
+        ]
+        if empty_table is not None:
+            blocks.append("Empty 100 GiB dynamic disk (time must follow allocated data):")
+            blocks.append(empty_table.markdown())
+        print("\n\n".join(blocks))
+    else:
+        print(f"\nmachine at end: {machine.line(end=True)}")
     if not args.dir:
         shutil.rmtree(work)
 

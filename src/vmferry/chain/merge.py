@@ -176,6 +176,7 @@ def commit(
             finally:
                 reader.close()
         parent = open_layer(parent_p, parent_format, writable=True)
+        parent.file.write_direct()  # synced before the child goes: skip the page cache's copy
     except BaseException:
         child.close()
         raise

@@ -48,6 +48,14 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 
 _SYNC_FILE_RANGE_WRITE = 2
 
+#: O_DIRECT transfers: file offsets, lengths and buffer addresses aligned to this (a page: it
+#: satisfies every logical block size and DMA alignment Linux filesystems ask for)
+DIRECT_ALIGN = 4096
+#: writes smaller than this stay in the page cache (metadata, partial clusters)
+DIRECT_MIN = 256 << 10
+#: the reusable aligned buffer that unaligned data is copied into for a direct write
+_BOUNCE_SIZE = 8 << 20
+
 
 @functools.cache
 def _libc() -> tuple[Any, Any]:
@@ -87,6 +95,7 @@ class BlockFile:
         self.cache_unsafe = False
         #: the name an output will have once complete (it is written under a temporary one)
         self.final_path: Path | None = None
+        self._direct: _DirectWriter | None = None
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -280,14 +289,46 @@ class BlockFile:
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data``; a short write is retried, never silently accepted."""
         view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        end = offset + len(view)
+        direct = self._direct
+        if direct is not None and len(view) >= DIRECT_MIN:
+            # the page-aligned interior goes past the page cache; the edges stay buffered
+            # (Linux keeps the two coherent: a direct write flushes and drops cached pages)
+            lo = -offset % DIRECT_ALIGN
+            hi = (len(view) - lo) // DIRECT_ALIGN * DIRECT_ALIGN
+            if hi and direct.write(offset + lo, view[lo : lo + hi]):
+                self._pwrite_all(self.fd, view[:lo], offset)
+                self._pwrite_all(self.fd, view[lo + hi :], offset + lo + hi)
+                self.size = max(self.size, end)
+                return
+        self._pwrite_all(self.fd, view, offset)
+        if end > self.size:
+            self.size = end
+
+    def _pwrite_all(self, fd: int, view: memoryview, offset: int) -> None:
         while view:
-            written = os.pwrite(self.fd, view, offset)
+            written = os.pwrite(fd, view, offset)
             if written <= 0:
                 raise VmferryError("short write", path=str(self.path), offset=offset)
             view = view[written:]
             offset += written
-        if offset > self.size:
-            self.size = offset
+
+    def write_direct(self) -> bool:
+        """Send large writes past the page cache (O_DIRECT) from now on; False if impossible.
+
+        Why: an output that is synced before it is renamed into place would otherwise be copied
+        into the page cache and then written back by the sync: two passes over memory the
+        machine may not have warm.  Written directly, each byte crosses memory once and the
+        final fsync finds only metadata and the device's cache to flush (qemu-img's
+        ``-t none``).  Only for files nothing else reads while they are written.
+        """
+        if not self.writable or self.fd < 0:
+            return False
+        if self._direct is None:
+            self._direct = _DirectWriter.open(self)
+        return self._direct is not None
 
     def truncate(self, size: int) -> None:
         if size == self.size == 0:
@@ -332,6 +373,9 @@ class BlockFile:
             os.fsync(self.fd)
 
     def close(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -403,3 +447,73 @@ class SliceFile(BlockFile):
 
     def __repr__(self) -> str:
         return f"SliceFile({str(self.path)!r}, base={self.base}, size={self.size})"
+
+
+class _DirectWriter:
+    """A second descriptor on the same open file, with O_DIRECT, and an aligned bounce buffer.
+
+    Reopened through ``/proc/self/fd`` so it is the very inode the caller holds (locks and all),
+    even if the name has changed since.  Any refusal by the filesystem (EINVAL: no O_DIRECT,
+    or an alignment it does not accept) turns direct writes off for good and the write is
+    done through the page cache instead: never an error for the caller.
+    """
+
+    def __init__(self, owner: BlockFile, fd: int) -> None:
+        self.owner = owner
+        self.fd = fd
+        self._bounce: Any = None  # mmap, page-aligned, made on first need
+
+    @classmethod
+    def open(cls, owner: BlockFile) -> _DirectWriter | None:
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag or owner.is_block_device:
+            return None
+        try:
+            fd = os.open(f"/proc/self/fd/{owner.fd}", os.O_WRONLY | flag | os.O_CLOEXEC)
+        except OSError:
+            return None
+        return cls(owner, fd)
+
+    def write(self, offset: int, view: memoryview) -> bool:
+        """Write ``view`` (page-aligned offset and length) directly; False: not done at all."""
+        if self.fd < 0:
+            return False
+        try:
+            if _aligned(view):
+                self.owner._pwrite_all(self.fd, view, offset)
+                return True
+            bounce = self._bounce_view()
+            pos = 0
+            while pos < len(view):
+                n = min(len(bounce), len(view) - pos)
+                bounce[:n] = view[pos : pos + n]
+                self.owner._pwrite_all(self.fd, bounce[:n], offset + pos)
+                pos += n
+            return True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self.close()  # the filesystem refuses: the page cache does it from now on
+            return False
+
+    def _bounce_view(self) -> memoryview:
+        if self._bounce is None:
+            import mmap
+
+            self._bounce = mmap.mmap(-1, _BOUNCE_SIZE)
+        return memoryview(self._bounce)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self._bounce = None  # unmapped with its last view (one may still be on the stack)
+
+
+def _aligned(view: memoryview) -> bool:
+    """The buffer behind ``view`` starts on a page (only writable buffers can tell)."""
+    if view.readonly:
+        return False
+    import ctypes
+
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) % DIRECT_ALIGN == 0

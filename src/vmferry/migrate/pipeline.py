@@ -127,6 +127,8 @@ def stream_disk(
     with AtomicOutput(out_path) as out:
         assert out.file is not None
         out.file.cache_unsafe = True  # synced once, whole, before the rename
+        # not ``write_direct``: verify re-reads the whole output right after, from memory this
+        # way (from the disk, it would cost a second pass over the device)
         layer = driver.create(out.file, virtual_size, options, None)
         out.discard_with(layer.files())
         try:

@@ -157,6 +157,8 @@ def convert(
         with AtomicOutput(dst, overwrite=overwrite, durable=sync) as out:
             assert out.file is not None
             out.file.cache_unsafe = True  # synced once, whole, before the rename
+            if sync:
+                out.file.write_direct()  # durable anyway: skip the page cache's copy
             layer = driver.create(out.file, chain.virtual_size, opts, None)
             out.discard_with(layer.files())
             try:

@@ -1,0 +1,178 @@
+"""Direct (O_DIRECT) writes of durable outputs: same bytes as buffered writes, never an error.
+
+The interesting cases are the ones where the page cache and the direct path meet: unaligned
+edges written through the cache around a direct interior, a buffered write into a page beside
+a direct one, buffers that are not page-aligned (bounced), and a filesystem that refuses
+O_DIRECT (the write silently goes through the cache from then on).
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from pathlib import Path
+
+import pytest
+
+from vmferry.disk import blockfile
+from vmferry.disk.blockfile import DIRECT_MIN, BlockFile
+
+
+def _fresh(tmp_path: Path, size: int = 8 << 20) -> BlockFile:
+    bf = BlockFile.open(tmp_path / "out.img", writable=True, create=True)
+    bf.truncate(size)
+    return bf
+
+
+def _disk_bytes(path: Path, offset: int, length: int) -> bytes:
+    """What a reader that did not write the file sees (a new descriptor)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+def _direct_supported(tmp_path: Path) -> bool:
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture
+def direct_dir(tmp_path: Path) -> Path:
+    if not _direct_supported(tmp_path):
+        pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT")
+    return tmp_path
+
+
+def test_unaligned_bytes_are_bounced_and_edges_stay_buffered(direct_dir: Path) -> None:
+    bf = _fresh(direct_dir)
+    assert bf.write_direct()
+    data = os.urandom(DIRECT_MIN * 3 + 1234)  # bytes: read-only, not page-aligned
+    offset = 4096 * 5 + 777  # neither end on a page
+    bf.write(offset, data)
+    small = os.urandom(100)
+    bf.write(10, small)  # buffered, in a page of its own
+    bf.sync_now()
+    bf.close()
+    path = direct_dir / "out.img"
+    assert _disk_bytes(path, offset, len(data)) == data
+    assert _disk_bytes(path, 10, 100) == small
+    assert _disk_bytes(path, 110, offset - 110) == bytes(offset - 110)
+
+
+def test_page_aligned_buffer_is_written_without_a_copy(
+    direct_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bf = _fresh(direct_dir)
+    assert bf.write_direct()
+    buf = mmap.mmap(-1, DIRECT_MIN * 2)
+    buf.write(os.urandom(len(buf)))
+    bounced: list[int] = []
+    real = blockfile._DirectWriter._bounce_view
+    monkeypatch.setattr(
+        blockfile._DirectWriter, "_bounce_view", lambda self: bounced.append(1) or real(self)
+    )
+    view = memoryview(buf)
+    bf.write(1 << 20, view)
+    del view
+    assert not bounced, "an aligned buffer must not be copied"
+    bf.close()
+    assert _disk_bytes(direct_dir / "out.img", 1 << 20, len(buf)) == bytes(buf)
+    buf.close()
+
+
+def test_cached_and_direct_writes_to_neighbouring_bytes_are_coherent(direct_dir: Path) -> None:
+    """A bitmap sector written through the cache right before a block written directly."""
+    bf = _fresh(direct_dir)
+    assert bf.write_direct()
+    bitmap = b"\xff" * 512
+    bf.write(4096 * 8 - 512, bitmap)  # cached, same page as nothing direct
+    block = os.urandom(DIRECT_MIN)
+    bf.write(4096 * 8, block)  # direct interior, starts on the next page
+    bf.write(4096 * 8 + 100, b"patched")  # cached write into a page just written directly
+    # read back through this descriptor (the page cache) and a new one
+    assert bf.pread(4096 * 8 - 512, 512) == bitmap
+    expect = bytearray(block)
+    expect[100:107] = b"patched"
+    assert bf.pread(4096 * 8, len(block)) == bytes(expect)
+    bf.sync_now()
+    bf.close()
+    assert _disk_bytes(direct_dir / "out.img", 4096 * 8, len(block)) == bytes(expect)
+
+
+def test_a_refusing_filesystem_falls_back_to_the_page_cache(
+    direct_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bf = _fresh(direct_dir)
+    assert bf.write_direct()
+    direct_fd = bf._direct.fd  # type: ignore[union-attr]
+    real_pwrite = os.pwrite
+    refused: list[int] = []
+
+    def pwrite(fd: int, data: object, offset: int) -> int:
+        if fd == direct_fd:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    data = os.urandom(DIRECT_MIN * 2)
+    bf.write(0, data)
+    bf.write(len(data), data)
+    assert len(refused) == 1, "after one refusal direct writes stay off"
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    bf.close()
+    assert _disk_bytes(direct_dir / "out.img", 0, 2 * len(data)) == data + data
+
+
+def test_other_errors_are_not_swallowed(
+    direct_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bf = _fresh(direct_dir)
+    assert bf.write_direct()
+    direct_fd = bf._direct.fd  # type: ignore[union-attr]
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data: object, offset: int) -> int:
+        if fd == direct_fd:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with pytest.raises(OSError) as info:
+        bf.write(0, os.urandom(DIRECT_MIN))
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    bf.close()
+
+
+def test_no_direct_for_read_only_files_or_when_open_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "ro.img"
+    path.write_bytes(bytes(4096))
+    ro = BlockFile.open(path)
+    assert not ro.write_direct()
+    ro.close()
+    real_open = os.open
+
+    def refuse(p: object, flags: int, *args: object) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(p, flags, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", refuse)
+    bf = _fresh(tmp_path)
+    assert not bf.write_direct()
+    data = os.urandom(DIRECT_MIN)
+    bf.write(0, data)
+    bf.close()
+    monkeypatch.setattr(os, "open", real_open)
+    assert _disk_bytes(tmp_path / "out.img", 0, len(data)) == data
