@@ -132,9 +132,7 @@ def test_a_refusing_filesystem_falls_back_to_the_page_cache(
     assert _disk_bytes(direct_dir / "out.img", 0, 2 * len(data)) == data + data
 
 
-def test_other_errors_are_not_swallowed(
-    direct_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_other_errors_are_not_swallowed(direct_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bf = _fresh(direct_dir)
     assert bf.write_direct()
     direct_fd = bf._direct.fd  # type: ignore[union-attr]
