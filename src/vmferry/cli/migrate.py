@@ -14,6 +14,7 @@ from vmferry.cli.common import (
     json_option,
     progress_option,
 )
+from vmferry.cli.vm import VMID, check_vmid_target
 from vmferry.errors import UsageError
 from vmferry.vm import TARGETS
 
@@ -36,6 +37,11 @@ EXIT_BLOCKED = 9
 @click.option("--firmware", type=click.Choice(["bios", "uefi"]), help="Override the firmware.")
 @click.option("--memory", type=click.IntRange(4, 64 << 20), help="Memory in MiB.")
 @click.option("--cpus", type=click.IntRange(1, 4096), help="Number of vCPUs.")
+@click.option(
+    "--vmid",
+    type=VMID,
+    help="Proxmox VM id (100-999999999; default 100): names the disks and <VMID>.conf.",
+)
 @click.option(
     "--allow-dir",
     "allow_dirs",
@@ -60,6 +66,7 @@ def migrate_cmd(
     firmware: str | None,
     memory: int | None,
     cpus: int | None,
+    vmid: int | None,
     allow_dirs: tuple[str, ...],
     report: str | None,
     progress: bool | None,
@@ -73,6 +80,7 @@ def migrate_cmd(
     from vmferry.migrate import migrate
     from vmferry.migrate.result import summary_text
 
+    check_vmid_target(vmid, target)
     writer = _report_writer() if report else None
     if report:
         _check_report_path(report)  # before any disk is written, not after
@@ -89,6 +97,7 @@ def migrate_cmd(
         cpus=cpus,
         allowed_dirs=list(allow_dirs) or None,
         progress=RichProgress(False if as_json else progress),
+        vmid=vmid,
     )
     doc = result.to_json()
     if writer is not None and report:

@@ -2,12 +2,42 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from vmferry.cli.common import emit_json, handle_errors, human_size, json_option
-from vmferry.vm import TARGETS
+from vmferry.errors import UsageError
+from vmferry.vm import TARGETS, get_target
 from vmferry.vm import convert as convert_vm
 from vmferry.vm import show as show_vm
+
+
+class VmidParam(click.ParamType):
+    """``--vmid``: Proxmox's VM id, checked as Proxmox checks it; a bad one is a command-line
+    usage error (exit 2, like an out-of-range ``--memory``) with vmferry's message."""
+
+    name = "VMID"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        from vmferry.vm.writers.proxmox import check_vmid, parse_vmid
+
+        try:
+            return check_vmid(value) if isinstance(value, int) else parse_vmid(str(value))
+        except UsageError as exc:
+            self.fail(f"{exc.message}" + (f" ({exc.hint})" if exc.hint else ""), param, ctx)
+
+
+VMID = VmidParam()
+
+
+def check_vmid_target(vmid: int | None, target: str) -> None:
+    """``--vmid`` with a target that has no VM ids is refused before anything is read."""
+    if vmid is not None and get_target(target).writer != "proxmox":
+        raise click.BadParameter(
+            f"only a Proxmox target has a VMID (--to proxmox), not {target}",
+            param_hint="'--vmid'",
+        )
 
 
 @click.group(name="vm")
@@ -60,6 +90,11 @@ def show_cmd(config: str, as_json: bool) -> None:
 @click.option("--new-macs", is_flag=True, help="Let the target generate new MAC addresses.")
 @click.option("--boot-controller", help="Override the controller the boot disk is put on.")
 @click.option("--force", is_flag=True, help="Replace existing files in -o.")
+@click.option(
+    "--vmid",
+    type=VMID,
+    help="Proxmox only: name the config <VMID>.conf and the volumes local:<VMID>/vm-<VMID>-disk-N.",
+)
 @json_option
 @handle_errors
 def convert_cmd(
@@ -69,9 +104,11 @@ def convert_cmd(
     new_macs: bool,
     boot_controller: str | None,
     force: bool,
+    vmid: int | None,
     as_json: bool,
 ) -> None:
     """Write CONFIG's machine as TARGET's configuration; list every choice and every loss."""
+    check_vmid_target(vmid, target)
     result = convert_vm(
         config,
         target,
@@ -79,6 +116,7 @@ def convert_cmd(
         keep_macs=not new_macs,
         boot_controller=boot_controller,
         overwrite=force,
+        vmid=vmid,
     )
     if as_json:
         emit_json(

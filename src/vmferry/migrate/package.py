@@ -19,7 +19,13 @@ from vmferry.vm.api import safe_file_name
 from vmferry.vm.model import VmModel
 from vmferry.vm.writers import render_target_config
 from vmferry.vm.writers.ovf import OVF, write_ovf
-from vmferry.vm.writers.proxmox import DEFAULT_VMID
+from vmferry.vm.writers.proxmox import import_note
+
+#: what the admin still does with a writer's output (Proxmox's depends on the VMID: below)
+_NOTES = {
+    "azure": "Azure: run the script with RESOURCE_GROUP, LOCATION and STORAGE_ACCOUNT set "
+    "(and SIZE): it uploads the VHDs and creates the VM",
+}
 
 
 def render_config(plan: MigrationPlan) -> tuple[dict[str, str], list[str]]:
@@ -28,21 +34,13 @@ def render_config(plan: MigrationPlan) -> tuple[dict[str, str], list[str]]:
     vm: VmModel = plan.translation.model
     writer, notes = plan.profile.writer, []
     if plan.fmt.ova:
-        files = write_ovf(vm, "vmx-14")
+        files = write_ovf(vm, plan.profile.ovf_system_type)
     else:
-        vmid = DEFAULT_VMID if writer == "proxmox" else None
-        files = render_target_config(vm, plan.profile, disk_dir=str(plan.outdir), vmid=vmid)
-        if writer == "proxmox":
-            notes.append(
-                f"Proxmox: copy {vmid}.conf to /etc/pve/qemu-server/ and the disks to "
-                f"the 'local' storage's images/{vmid}/ (/var/lib/vz/images/{vmid}/); "
-                "for another VMID or storage rename both the files and the volumes"
-            )
-        elif plan.profile.name == "azure":
-            notes.append(
-                "Azure: run the script with RESOURCE_GROUP, LOCATION and "
-                "STORAGE_ACCOUNT set (and SIZE): it uploads the VHDs and creates the VM"
-            )
+        files = render_target_config(vm, plan.profile, disk_dir=str(plan.outdir), vmid=plan.vmid)
+        if plan.vmid is not None:
+            notes.append(import_note(plan.vmid))
+        elif writer in _NOTES:
+            notes.append(_NOTES[writer])
     return {safe_file_name(name): text for name, text in files.items()}, notes
 
 

@@ -24,9 +24,9 @@ from vmferry.migrate.guest import GuestProbe, GuestSession, find_guest, kernel_c
 from vmferry.migrate.source import Source, SourceDisk, resolve_source
 from vmferry.vm.api import safe_file_name
 from vmferry.vm.model import Disk
-from vmferry.vm.targets import TargetProfile, canonical_controller
+from vmferry.vm.targets import TargetProfile, canonical_controller, get_target
 from vmferry.vm.translate import Translation, resolve_target, translate
-from vmferry.vm.writers.proxmox import DEFAULT_VMID, proxmox_disk_file
+from vmferry.vm.writers.proxmox import proxmox_disk_file, vmid_for
 
 MIB = 1 << 20
 _TRANSLATE_STRIPS = (".gz", ".vmdk", ".vhdx", ".vhd", ".qcow2", ".vdi", ".img", ".raw", ".avhdx")
@@ -69,6 +69,7 @@ class MigrationPlan:
     keep_macs: bool
     boot_index: int
     boot_controller: str | None = None  # forced for the boot disk (the guest has its driver)
+    vmid: int | None = None  # Proxmox's VM id (names the disks and the config); None elsewhere
     choices: list[str] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)  # the guest could not be prepared: why
     findings: list[Finding] = field(default_factory=list)
@@ -87,6 +88,11 @@ class MigrationPlan:
                 d.chain = None
 
 
+def destination(target: str | None, fmt: str | None, vmid: int | None) -> str:
+    """How a migration's destination reads in messages: ``proxmox [qcow2] VMID 100``."""
+    return f"{target} [{fmt}]" + (f" VMID {vmid}" if vmid is not None else "")
+
+
 def build_plan(
     source: str | os.PathLike[str],
     target: str,
@@ -98,7 +104,12 @@ def build_plan(
     memory: int | None = None,
     cpus: int | None = None,
     allowed_dirs: Sequence[str | os.PathLike[str]] | None = None,
+    vmid: int | None = None,
 ) -> MigrationPlan:
+    """Everything decided before writing (module docstring).  ``vmid``: Proxmox only (default
+    100); checked before the source is read, so a wrong one costs nothing."""
+    if vmid is not None:  # a usage error (range, non-Proxmox target) comes first
+        vmid_for(get_target(target), vmid)
     src = resolve_source(
         source, firmware=firmware, memory=memory, cpus=cpus, allowed_dirs=allowed_dirs
     )
@@ -126,7 +137,7 @@ def build_plan(
     fmt = output_format(profile, format)
     plan = MigrationPlan(
         src, target, profile, fmt, Path(os.path.abspath(outdir)), model.firmware, [],
-        session, probe, None, keep_macs, boot_index,
+        session, probe, None, keep_macs, boot_index, vmid=vmid_for(profile, vmid),
     )  # fmt: skip
     try:
         _plan_disks(plan, chains)
@@ -156,18 +167,12 @@ def _plan_disks(plan: MigrationPlan, chains: list[Chain | None]) -> None:
         else:
             layers, size, ranges = [], sd.empty_size or 0, []
             stem = f"{vm_stem}-disk{sd.index + 1}"
-        if plan.profile.writer == "proxmox":  # a directory storage's name for the volume
-            stem = proxmox_disk_file(DEFAULT_VMID, sd.index, "x")[:-2]
-        stem = safe_file_name(stem)
-        if stem.lower().endswith(_TRANSLATE_STRIPS):
-            stem += "-disk"
-        name = stem
-        n = 2
-        while name.lower() in used:
-            name = f"{stem}-{n}"
-            n += 1
-        used.add(name.lower())
-        out_name = f"{name}.{plan.fmt.extension}"
+        if plan.vmid is not None:
+            # a Proxmox directory storage's name for the volume; its format name is the file
+            # extension it accepts (raw disks are ``.raw`` there, not ``.img``)
+            out_name = proxmox_disk_file(plan.vmid, sd.index, plan.fmt.name)
+        else:
+            out_name = _unique_name(stem, plan.fmt.extension, used)
         out_size = size
         if plan.fmt.options.get("azure") == "on":
             out_size = -(-size // MIB) * MIB
@@ -180,6 +185,20 @@ def _plan_disks(plan: MigrationPlan, chains: list[Chain | None]) -> None:
             required = out_size  # a driver that cannot measure: assume fully allocated
         dp.required = required * (2 if plan.fmt.ova else 1)  # the disk, then its copy in the OVA
         plan.disks.append(dp)
+
+
+def _unique_name(stem: str, extension: str, used: set[str]) -> str:
+    """``<stem>.<extension>``, the stem made safe and unique (``-2``, ``-3``) among ``used``."""
+    stem = safe_file_name(stem)
+    if stem.lower().endswith(_TRANSLATE_STRIPS):
+        stem += "-disk"
+    name = stem
+    n = 2
+    while name.lower() in used:
+        name = f"{stem}-{n}"
+        n += 1
+    used.add(name.lower())
+    return f"{name}.{extension}"
 
 
 def _stem(name: str) -> str:

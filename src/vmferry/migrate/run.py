@@ -19,7 +19,7 @@ from vmferry.errors import CorruptImageError, UsageError, VmferryError
 from vmferry.migrate import state as st
 from vmferry.migrate.package import config_names, write_config
 from vmferry.migrate.pipeline import stream_disk
-from vmferry.migrate.plan import DiskPlan, MigrationPlan, build_plan
+from vmferry.migrate.plan import DiskPlan, MigrationPlan, build_plan, destination
 from vmferry.migrate.preflight import preflight
 from vmferry.migrate.result import DiskResult, MigrationResult
 from vmferry.migrate.verify import check_output, replan_guest, verify_disk
@@ -40,8 +40,12 @@ def migrate(
     cpus: int | None = None,
     allowed_dirs: Sequence[str | os.PathLike[str]] | None = None,
     progress: Progress | None = None,
+    vmid: int | None = None,
 ) -> MigrationResult:
-    """Migrate the VM at ``source`` to ``target`` into ``outdir``; see docs/migrate.md."""
+    """Migrate the VM at ``source`` to ``target`` into ``outdir``; see docs/migrate.md.
+
+    ``vmid``: the Proxmox VM id (100-999999999, default 100); a usage error for other targets.
+    """
     started = time.monotonic()
     started_at = _utc_now()
     out = Path(os.path.abspath(outdir))
@@ -56,7 +60,7 @@ def migrate(
         )
     plan = build_plan(
         source, target, out, format=format, keep_macs=keep_macs, firmware=firmware,
-        memory=memory, cpus=cpus, allowed_dirs=allowed_dirs,
+        memory=memory, cpus=cpus, allowed_dirs=allowed_dirs, vmid=vmid,
     )  # fmt: skip
     try:
         result = _run(plan, prior if resume else None, dry_run, progress, started)
@@ -93,12 +97,13 @@ def _resumable(plan: MigrationPlan, prior: dict[str, Any] | None, fp: dict[str, 
             path=str(plan.outdir),
             hint="migrate into a new -o directory (disks of two source states must not mix)",
         )
-    if prior.get("target") != plan.profile.name or prior.get("format") != plan.fmt.name:
+    then = (prior.get("target"), prior.get("format"), prior.get("vmid"))
+    if then != (plan.profile.name, plan.fmt.name, plan.vmid):
         raise UsageError(
-            f"OUTDIR holds a migration to {prior.get('target')} [{prior.get('format')}], "
-            f"not {plan.profile.name} [{plan.fmt.name}]",
+            f"OUTDIR holds a migration to {destination(*then)}, "
+            f"not {destination(plan.profile.name, plan.fmt.name, plan.vmid)}",
             path=str(plan.outdir),
-            hint="use the same --to/--format, or another -o directory",
+            hint="use the same --to/--format/--vmid, or another -o directory",
         )
     disks = prior.get("disks") or {}
     return {d.index for d in plan.disks if st.finished(disks.get(str(d.index)), d.out_path)}
@@ -146,6 +151,7 @@ def _run(
         "source": str(plan.source.given),
         "target": plan.profile.name,
         "format": plan.fmt.name,
+        "vmid": plan.vmid,
         "status": "running",
         "disks": {k: v for k, v in ((prior or {}).get("disks") or {}).items() if int(k) in done},
     }
@@ -327,6 +333,7 @@ def _result(plan: MigrationPlan, dry_run: bool) -> MigrationResult:
             "description": plan.profile.description,
             "format": plan.fmt.name,
             "format_details": plan.fmt.to_json(),
+            "vmid": plan.vmid,
             "firmware": plan.firmware,
             "boot_controller": plan.boot_disk.fitted.controller_model
             if plan.boot_disk and plan.boot_disk.fitted

@@ -39,17 +39,24 @@ def convert(
     keep_macs: bool = True,
     boot_controller: str | None = None,
     overwrite: bool = False,
+    vmid: int | None = None,
 ) -> Conversion:
     """Read ``path``, convert it for ``target``; when ``out`` is a directory, write the files there.
 
     Nothing is written unless ``out`` is given; existing files are never replaced unless
     ``overwrite``.  Returns the files (name → text), the choices made and what was not carried.
+    ``vmid``: the Proxmox VM id to name the config and volumes after (Proxmox targets only).
     """
     model = read_config(path)
     out_dir = Path(out).resolve() if out is not None else None
     disk_dir = str(out_dir) if out_dir is not None else "/var/lib/libvirt/images"
     result = convert_config(
-        model, target, keep_macs=keep_macs, boot_controller=boot_controller, disk_dir=disk_dir
+        model,
+        target,
+        keep_macs=keep_macs,
+        boot_controller=boot_controller,
+        disk_dir=disk_dir,
+        vmid=vmid,
     )
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from vmferry.vm.model import VmModel
+from vmferry.vm.targets import get_target
 from vmferry.vm.translate import translate
 from vmferry.vm.writers import render_target_config
 from vmferry.vm.writers.libvirt import DEFAULT_DISK_DIR
-from vmferry.vm.writers.proxmox import proxmox_bridge
+from vmferry.vm.writers.proxmox import name_disks_for_vmid, proxmox_bridge, vmid_for
 
 
 class Conversion(NamedTuple):
@@ -31,18 +32,31 @@ def convert_config(
     boot_controller: str | None = None,
     disk_dir: str = DEFAULT_DISK_DIR,
     storage: str = "local",
+    vmid: int | None = None,
 ) -> Conversion:
+    """``vmid`` (Proxmox only): write ``<vmid>.conf`` with volumes ``<storage>:<vmid>/<file>``
+    and the disk files renamed ``vm-<vmid>-disk-<n>.<fmt>``, as ``vmferry migrate`` does."""
+    if vmid is not None:  # checked (range, Proxmox target) before any work
+        vmid_for(get_target(target), vmid)
     tr = translate(model, target, keep_macs=keep_macs, boot_controller=boot_controller)
     vm, writer = tr.model, tr.target.writer
     not_carried = list(tr.not_carried)
-    files = render_target_config(vm, tr.target, disk_dir=disk_dir, storage=storage)
+    if vmid is not None:  # a Proxmox target: vmid_for said so
+        tr.choices += name_disks_for_vmid(vm, vmid)
+    files = render_target_config(vm, tr.target, disk_dir=disk_dir, storage=storage, vmid=vmid)
     if writer == "proxmox":
         for i, nic in enumerate(vm.nics):
             if nic.network and proxmox_bridge(nic.network) != nic.network:
                 tr.choices.append(f"NIC {i}: network {nic.network!r} is no bridge name → vmbr0")
-        not_carried.append(
-            f"disk volumes are written as '{storage}:<file>': import the disks there"
-        )
+        if vmid is None:
+            not_carried.append(
+                f"disk volumes are written as '{storage}:<file>': import the disks there"
+            )
+        else:
+            not_carried.append(
+                f"disk volumes are written as '{storage}:{vmid}/<file>': the converted disks "
+                f"go to that storage's images/{vmid}/, named as the choices say"
+            )
     elif writer == "ovf":
         if any(d.size_bytes is None for d in vm.disks):
             tr.choices.append(

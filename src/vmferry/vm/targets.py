@@ -321,7 +321,13 @@ class TargetProfile:
     disk_formats: tuple[str, ...]  # formats it imports, default first
     max_disk_bytes: int | None
     serial_ports: bool = True
-    writer: str = ""  # which config writer produces its import file
+    #: which config writer produces its import file (a key of ``vm.writers.WRITERS``): the one
+    #: fact ``render_target_config`` dispatches on, so no code compares target names for it
+    writer: str = ""
+    #: the OVF ``VirtualSystemType`` the ``ovf`` writer declares (XenServer reads ``xen-*``)
+    ovf_system_type: str = "vmx-14"
+    #: memory is rounded up to a multiple of this many MiB (Hyper-V and Azure: 2)
+    memory_step_mb: int = 1
     cdrom_controllers: tuple[str, ...] = ()  # where CD-ROMs may hang, preferred first
     #: model → (buses, units) where the target config numbers devices itself and so caps them
     #: (Proxmox: scsi0-30 on one controller, sata0-5, ide0-3, virtio0-15).
@@ -420,6 +426,7 @@ TARGETS: Mapping[str, TargetProfile] = MappingProxyType(
                 ("vhdx", "vhd"),
                 64 * TIB,
                 writer="hyperv",
+                memory_step_mb=2,
                 cdrom_controllers=("piix4",),
                 notes=(
                     "boot disk must be IDE 0:0; data disks go to synthetic SCSI",
@@ -438,6 +445,7 @@ TARGETS: Mapping[str, TargetProfile] = MappingProxyType(
                 ("vhdx",),
                 64 * TIB,
                 writer="hyperv",
+                memory_step_mb=2,
                 cdrom_controllers=("storvsc",),
                 notes=("UEFI only; synthetic SCSI only; no IDE, no legacy NIC",),
             ),
@@ -467,6 +475,7 @@ TARGETS: Mapping[str, TargetProfile] = MappingProxyType(
                 ("vhd",),
                 2040 * GIB,
                 writer="ovf",
+                ovf_system_type="xen-3.0-unknown",
                 cdrom_controllers=("piix4",),
                 notes=(
                     "HVM guests boot on emulated IDE until PV drivers load, then see /dev/xvda",
@@ -500,7 +509,8 @@ TARGETS: Mapping[str, TargetProfile] = MappingProxyType(
                 ("vhd-fixed",),
                 2040 * GIB,
                 serial_ports=False,
-                writer="hyperv",
+                writer="azure",  # an az CLI script: Azure imports no VM config
+                memory_step_mb=2,  # Hyper-V underneath
                 notes=("fixed VHD whose virtual size is a whole number of MiB",),
             ),
             TargetProfile(

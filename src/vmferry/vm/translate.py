@@ -102,10 +102,11 @@ def translate(
             f"cores per socket {vm.cores_per_socket} does not divide {vm.cpus}: dropped"
         )
         vm.cores_per_socket = None
-    if prof.writer == "hyperv" and vm.memory_mb % 2:
-        vm.memory_mb += 1
+    if vm.memory_mb % prof.memory_step_mb:
+        vm.memory_mb += prof.memory_step_mb - vm.memory_mb % prof.memory_step_mb
         tr.choices.append(
-            f"memory rounded up to {vm.memory_mb} MiB (Hyper-V needs a multiple of 2)"
+            f"memory rounded up to {vm.memory_mb} MiB "
+            f"(Hyper-V needs a multiple of {prof.memory_step_mb})"
         )
     return tr
 

@@ -3,17 +3,27 @@
 With a ``vmid``, volumes are named the way a Proxmox *directory* storage names them,
 ``<storage>:<vmid>/<file>`` with the file at ``<storage path>/images/<vmid>/<file>`` (files
 named ``vm-<vmid>-disk-<n>.<ext>``, as ``qm`` allocates them), and the config is ``<vmid>.conf``:
-copying the files there makes a VM Proxmox starts.  ``vmferry migrate`` names its outputs so.
-Without one (``vm convert``, whose disks are converted separately), volumes are written as
-``<storage>:<file>`` and the disks still have to be imported (``qm disk import``).  Proxmox has
-one SCSI controller model per VM (``scsihw``), which translation ensures.
+copying the files there makes a VM Proxmox starts.  ``vmferry migrate`` names its outputs so
+(VMID 100 unless ``--vmid``).  Without one (``vm convert`` without ``--vmid``, whose disks are
+converted separately), volumes are written as ``<storage>:<file>`` and the disks still have to
+be imported (``qm disk import``).  Proxmox has one SCSI controller model per VM (``scsihw``),
+which translation ensures.
+
+A VMID is valid where Proxmox's own ``pve-vmid`` format accepts it: 100 to 999999999 written
+without a leading zero (ids below 100 are reserved).  A directory storage takes only volume files
+ending ``.raw``, ``.qcow2`` or ``.vmdk`` (Proxmox's format names), so a raw disk is ``.raw``.
 """
 
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
+from vmferry.errors import UsageError
 from vmferry.vm.model import Disk, VmModel
+
+if TYPE_CHECKING:
+    from vmferry.vm.targets import TargetProfile
 
 _SCSIHW = {
     "virtio-scsi": "virtio-scsi-pci",
@@ -66,8 +76,58 @@ def _slot_key(d: Disk) -> str:
     return f"scsi{d.unit}"
 
 
-#: the VMID ``vmferry migrate`` writes (Proxmox's first free id on a new host)
+#: the VMID ``vmferry migrate`` writes unless told (Proxmox's first free id on a new host)
 DEFAULT_VMID = 100
+#: Proxmox's VMID range (``pve-vmid``: ``[1-9][0-9]{2,8}``)
+VMID_MIN, VMID_MAX = 100, 999_999_999
+#: the files a directory storage accepts as VM images, by their Proxmox format name
+DIR_STORAGE_FORMATS = ("raw", "qcow2", "vmdk")
+
+
+def check_vmid(vmid: object) -> int:
+    """``vmid`` when it is a VMID Proxmox accepts; a UsageError saying the range otherwise."""
+    if isinstance(vmid, bool) or not isinstance(vmid, int):
+        raise UsageError(
+            f"a VMID is a whole number, not {vmid!r}", hint=f"{VMID_MIN} to {VMID_MAX}"
+        )
+    if not VMID_MIN <= vmid <= VMID_MAX:
+        raise UsageError(
+            f"VMID {vmid} is outside Proxmox's range {VMID_MIN}-{VMID_MAX}",
+            hint="ids below 100 are reserved by Proxmox; `pvesh get /cluster/nextid` gives a "
+            "free one",
+        )
+    return vmid
+
+
+def parse_vmid(text: str) -> int:
+    """A VMID as typed (``--vmid``): ASCII digits without sign or leading zero, as Proxmox's
+    ``pve-vmid`` format reads it; a UsageError saying what is wrong otherwise."""
+    digits = text.strip()
+    if not (digits.isascii() and digits.isdigit()):
+        raise UsageError(
+            f"{text!r} is not a VMID", hint=f"a whole number from {VMID_MIN} to {VMID_MAX}"
+        )
+    if len(digits) > len(str(VMID_MAX)):  # before int(): no huge conversions
+        raise UsageError(f"VMID {digits} is outside Proxmox's range {VMID_MIN}-{VMID_MAX}")
+    if digits[0] == "0" and digits != "0":
+        raise UsageError(
+            f"VMID {digits!r} has a leading zero, which Proxmox refuses",
+            hint=f"write {int(digits)}",
+        )
+    return check_vmid(int(digits))
+
+
+def vmid_for(target: TargetProfile, vmid: int | None) -> int | None:
+    """The VMID a migration to ``target`` uses: ``vmid`` (checked) or DEFAULT_VMID for Proxmox,
+    None for every other target, where asking for one is a usage error rather than ignored."""
+    if target.writer != "proxmox":
+        if vmid is not None:
+            raise UsageError(
+                f"a VMID (--vmid) is for Proxmox targets only, not {target.name}",
+                hint="drop the VMID, or migrate to proxmox",
+            )
+        return None
+    return DEFAULT_VMID if vmid is None else check_vmid(vmid)
 
 
 def proxmox_disk_file(vmid: int, n: int, ext: str) -> str:
@@ -75,7 +135,37 @@ def proxmox_disk_file(vmid: int, n: int, ext: str) -> str:
     return f"vm-{vmid}-disk-{n}.{ext}"
 
 
+def import_note(vmid: int, storage: str = "local") -> str:
+    """What the admin does with the files ``migrate`` wrote for VM ``vmid``."""
+    where = f" (/var/lib/vz/images/{vmid}/)" if storage == "local" else ""
+    return (
+        f"Proxmox: check that VMID {vmid} is free (`pvesh get /cluster/nextid --vmid {vmid}` "
+        f"fails when it is taken; --vmid picks another), then copy {vmid}.conf to "
+        f"/etc/pve/qemu-server/ and the disks to the '{storage}' storage's images/{vmid}/"
+        f"{where}; for another storage rename the '{storage}:' volumes in {vmid}.conf"
+    )
+
+
+def name_disks_for_vmid(vm: VmModel, vmid: int) -> list[str]:
+    """Rename the fitted model's disk files to Proxmox's ``vm-<vmid>-disk-<n>.<fmt>`` (n counts
+    the disks in config order); returns one sentence per rename, for the choices list."""
+    choices: list[str] = []
+    n = 0
+    for d in vm.disks:
+        if not d.path:
+            continue  # a blank disk: Proxmox allocates it (``<storage>:<GiB>``)
+        fmt = (d.format or "").lower()
+        new = proxmox_disk_file(vmid, n, fmt)
+        n += 1
+        if fmt in DIR_STORAGE_FORMATS and new != d.path:
+            choices.append(f"disk {d.path} → file {new} (Proxmox's name for VM {vmid}'s disk)")
+            d.path = new
+    return choices
+
+
 def write_proxmox(vm: VmModel, storage: str = "local", vmid: int | None = None) -> dict[str, str]:
+    if vmid is not None:
+        check_vmid(vmid)  # it names a file: never "-1.conf" or "True.conf"
     lines = [f"name: {proxmox_name(vm.name)}", f"memory: {vm.memory_mb}"]
     cores = vm.cores_per_socket or vm.cpus
     lines += [f"cores: {cores}", f"sockets: {vm.cpus // cores}"]
