@@ -97,6 +97,19 @@ def test_nonzero_runs_follow_the_definition() -> None:
         base = rnd.choice([0, 512, 4095, 4096 * 7 + 13, 1 << 40])
         g = rnd.choice([4096, 512, 65536])
         want = _reference(bytes(buf), base, g)
-        for obj in (bytes(buf), buf, memoryview(buf)):
+        # a slice of a larger (reused) buffer
+        inside = memoryview(b"\x01" * 7 + bytes(buf) + b"\x01")[7 : 7 + n]
+        for obj in (bytes(buf), buf, memoryview(buf), inside):
             assert list(nonzero_runs(obj, base, g)) == want
         assert is_zero(buf) == (not any(buf))
+        assert is_zero(inside) == (not any(buf))
+
+
+def test_zero_check_of_views_longer_than_the_shared_zero_buffer() -> None:
+    big = bytearray((32 << 20) + 8192)
+    assert is_zero(memoryview(big))
+    assert list(nonzero_runs(memoryview(big), 0)) == []
+    big[-1] = 1
+    assert not is_zero(memoryview(big))
+    assert list(nonzero_runs(memoryview(big), 0)) == [(len(big) - 4096, 4096)]
+    assert list(nonzero_runs(memoryview(big).cast("I"), 0)) == [(len(big) - 4096, 4096)]

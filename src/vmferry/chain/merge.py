@@ -22,7 +22,7 @@ from vmferry.chain.journal import read_journal, remove_journal, write_journal
 from vmferry.chain.open import open_chain, open_layer
 from vmferry.chain.surgery import CHILD_SEARCH_DEPTH
 from vmferry.disk import Alloc, DiskFormat, ParentInfo
-from vmferry.disk.readahead import read_ahead
+from vmferry.disk.readahead import read_ahead_into
 from vmferry.errors import UnsafeOperationError, UsageError
 from vmferry.ops.progress import NoProgress, Progress
 
@@ -79,7 +79,7 @@ def _copy_layer(child: DiskFormat, parent: DiskFormat, progress: Progress) -> in
                 for pos in range(ext.offset, ext.end, COPY_CHUNK)
             ]
     done = unflushed = 0
-    chunks = read_ahead(plan)
+    chunks = read_ahead_into(plan)
     try:
         for ext in extents:
             if ext.alloc is Alloc.ZERO:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
@@ -169,6 +169,31 @@ class DiskFormat(ABC):
     @abstractmethod
     def read(self, offset: int, length: int) -> bytes:
         """This layer's bytes; UNALLOCATED and ZERO ranges read as zeros."""
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        """Fill ``view`` with what ``read(offset, len(view))`` returns.
+
+        Why a second way to read: a long copy reads into a few buffers it reuses (page-aligned,
+        so an O_DIRECT write takes them as they are, and warm, so no fresh memory is faulted
+        in for every chunk).  Drivers whose data sits plainly in the file override this with
+        :meth:`_read_into_mapped`; the rest copy once here.
+        """
+        view[:] = self.read(offset, len(view))
+
+    def _read_into_mapped(
+        self, offset: int, view: memoryview, pread_into: Callable[[int, memoryview], None]
+    ) -> None:
+        """``read_into`` for a driver whose ``block_status`` gives, for uncompressed DATA, the
+        offset of the bytes in the file that ``pread_into`` reads."""
+        self._check_range(offset, len(view))
+        for ext in self.extents(offset, len(view)):
+            part = view[ext.offset - offset : ext.end - offset]
+            if ext.alloc is Alloc.DATA and ext.host_offset is not None and not ext.compressed:
+                pread_into(ext.host_offset, part)
+            elif ext.alloc is Alloc.DATA:
+                part[:] = self.read(ext.offset, ext.length)
+            else:
+                part[:] = bytes(ext.length)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         raise UnsupportedFeatureError(f"vmferry cannot write {self.name} images")

@@ -77,6 +77,10 @@ class Raw(DiskFormat):
         self._check_range(offset, length)
         return self.file.pread(offset, length)
 
+    def read_into(self, offset: int, view: memoryview) -> None:
+        self._check_range(offset, len(view))
+        self.file.pread_into(offset, view)
+
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._require_writable()
         self._check_range(offset, len(data))

@@ -18,6 +18,10 @@ class Readable(Protocol):
     def read(self, offset: int, length: int) -> bytes: ...
 
 
+class ReadableInto(Protocol):
+    def read_into(self, offset: int, view: memoryview) -> None: ...
+
+
 #: requests read ahead of the one being consumed
 DEPTH = 2
 
@@ -57,4 +61,61 @@ def read_ahead(plan: Sequence[tuple[Readable, int, int]], depth: int = DEPTH) ->
     finally:
         stop.set()
         room.release()
+        thread.join()
+
+
+def read_ahead_into(
+    plan: Sequence[tuple[ReadableInto, int, int]], depth: int = DEPTH
+) -> Iterator[memoryview]:
+    """Like :func:`read_ahead`, but into ``depth + 1`` page-aligned buffers that are reused.
+
+    Each yielded view is valid until the next one is asked for (then its buffer is refilled):
+    the consumer writes it and lets it go, it does not keep it.  Why: a fresh 8 MiB bytes
+    object per chunk is fresh memory the kernel must fault in and zero (on this kind of VM,
+    memory the host may have taken back), and its address suits no O_DIRECT write; the same
+    few warm, aligned buffers cost neither.
+    """
+    import mmap
+
+    size = max((n for _, _, n in plan), default=0)
+    if size == 0:
+        yield from (memoryview(b"") for _ in plan)
+        return
+    free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+    for _ in range(depth + 1):
+        free.put(mmap.mmap(-1, size))
+    results: queue.SimpleQueue[tuple[mmap.mmap | None, BaseException | None]] = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def reader() -> None:
+        for source, offset, length in plan:
+            buf = free.get()
+            if stop.is_set():
+                return
+            try:
+                with memoryview(buf) as view:
+                    source.read_into(offset, view[:length])
+                results.put((buf, None))
+            except BaseException as exc:  # handed to the consumer, raised there
+                results.put((None, exc))
+                return
+
+    thread = threading.Thread(target=reader, name="vmferry-read", daemon=True)
+    thread.start()
+    held: mmap.mmap | None = None
+    try:
+        for _, _, length in plan:
+            buf, exc = results.get()
+            if exc is not None:
+                raise exc
+            assert buf is not None
+            held = buf
+            yield memoryview(buf)[:length]
+            free.put(held)  # asked for the next one: the consumer is done with this one
+            held = None
+    finally:
+        stop.set()
+        if held is not None:
+            free.put(held)
+        free.put(mmap.mmap(-1, 1))  # wakes a reader waiting for a buffer
         thread.join()

@@ -528,6 +528,9 @@ class Vdi(DiskFormat):
             pos = ext.end
         return bytes(out)
 
+    def read_into(self, offset: int, view: memoryview) -> None:
+        self._read_into_mapped(offset, view, self.file.pread_into)
+
     # --- writing ------------------------------------------------------------------------------
 
     def _block_len(self, index: int) -> int:

@@ -701,6 +701,9 @@ class Vhd(DiskFormat):
             pos = ext.end
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def read_into(self, offset: int, view: memoryview) -> None:
+        self._read_into_mapped(offset, view, self.file.pread_into)
+
     # --- writing ------------------------------------------------------------------------------
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from vmferry.chain import Chain, open_chain
 from vmferry.disk import DiskFormat, driver_by_name, driver_for_extension
-from vmferry.disk.readahead import read_ahead
+from vmferry.disk.readahead import read_ahead_into
 from vmferry.errors import UsageError
 from vmferry.ops.atomic import AtomicOutput
 from vmferry.ops.progress import NoProgress, Progress
@@ -76,13 +76,14 @@ def copy_chain(
 ) -> tuple[int, int]:
     """Copy the flattened content of ``src`` into the fresh layer ``dst``.
 
-    The next chunks are read on a helper thread while this one is written (``read_ahead``).
+    The next chunks are read on a helper thread, into a few reused buffers, while this one is
+    written (``read_ahead_into``).
     ``writeback`` starts writing finished data to disk as it goes, for an output that will be
     synced at the end (``False`` when it will not be).  Returns (bytes read, bytes written).
     """
     plan, total = _read_plan(src)
     progress.start(total, "converting")
-    chunks = read_ahead(plan)
+    chunks = read_ahead_into(plan)
     try:
         written = write_nonzero(
             [(pos, n) for _, pos, n in plan], chunks, dst, progress, writeback=writeback

@@ -4,6 +4,8 @@ qemu-img convert skips runs of zeros of at least 4 KiB (its ``-S 4k`` default) s
 fully allocated source still yields a sparse target; vmferry does the same at the same
 granularity.  Every comparison is a C ``memcmp`` (``bytes.startswith`` against a shared zero
 buffer): comparing a ``memoryview`` slice with ``==`` goes item by item and is ~60x slower.
+A memoryview (a slice of a reused read buffer) is compared the other way round: the shared
+zero bytes ``startswith`` the slice, still a memcmp, and without copying the buffer.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ SPARSE_GRANULARITY = 4096
 _ZERO_CACHE: dict[int, bytes] = {}
 #: one shared zero buffer; a prefix of its view is the "all zeros" of any length up to it
 _ZERO_MAX = 32 << 20
-_ZERO_VIEW = memoryview(bytes(_ZERO_MAX))
+_ZERO_BYTES = bytes(_ZERO_MAX)
+_ZERO_VIEW = memoryview(_ZERO_BYTES)
 _NONZERO = re.compile(rb"[^\x00]")
 
 
@@ -29,8 +32,14 @@ def zeros(length: int) -> bytes:
     return z
 
 
-def _zero_at(buf: bytes | bytearray, start: int, end: int) -> bool:
+def _zero_at(buf: bytes | bytearray | memoryview, start: int, end: int) -> bool:
     """``buf[start:end]`` is all zeros (memcmp speed, no copy)."""
+    if isinstance(buf, memoryview):
+        while end - start > _ZERO_MAX:
+            if not _ZERO_BYTES.startswith(buf[start : start + _ZERO_MAX]):
+                return False
+            start += _ZERO_MAX
+        return _ZERO_BYTES.startswith(buf[start:end])
     while end - start > _ZERO_MAX:
         if not buf.startswith(_ZERO_VIEW, start):
             return False
@@ -38,9 +47,16 @@ def _zero_at(buf: bytes | bytearray, start: int, end: int) -> bool:
     return buf.startswith(_ZERO_VIEW[: end - start], start)
 
 
+def _bytes_view(buf: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
+    """bytes/bytearray as they are; anything else as a flat byte memoryview (no copy)."""
+    if isinstance(buf, bytes | bytearray):
+        return buf
+    view = memoryview(buf)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
 def is_zero(buf: bytes | bytearray | memoryview) -> bool:
-    if not isinstance(buf, bytes | bytearray):
-        buf = memoryview(buf).cast("B").tobytes()
+    buf = _bytes_view(buf)
     return _zero_at(buf, 0, len(buf))
 
 
@@ -56,8 +72,7 @@ def nonzero_runs(
     slice (one byte per piece): on data, the check costs a few candidates per chunk instead
     of a scan of every byte; a run of candidates is confirmed with one comparison.
     """
-    if not isinstance(buf, bytes | bytearray):
-        buf = memoryview(buf).cast("B").tobytes()
+    buf = _bytes_view(buf)
     n = len(buf)
     if n == 0 or _zero_at(buf, 0, n):
         return
@@ -66,7 +81,7 @@ def nonzero_runs(
     zero_runs: list[tuple[int, int]] = []
     if head and _zero_at(buf, 0, head):
         zero_runs.append((0, head))
-    firsts = buf[head::g]  # the first byte of every aligned piece
+    firsts = bytes(buf[head::g])  # the first byte of every aligned piece
     count = len(firsts)
     k = firsts.find(0)
     while k >= 0:

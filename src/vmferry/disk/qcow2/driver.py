@@ -482,6 +482,9 @@ class Qcow2(DiskFormat):
             pos += n
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def read_into(self, offset: int, view: memoryview) -> None:
+        self._read_into_mapped(offset, view, self.file.pread_into)
+
     def _read_compressed(self, pos: int, n: int) -> bytes:
         end = pos + n
         first, last = pos >> self.cb, (end - 1) >> self.cb

@@ -566,6 +566,12 @@ class Vhdx(DiskFormat):
             return parts[0]
         return b"".join(parts)
 
+    def read_into(self, offset: int, view: memoryview) -> None:
+        if self.overlay:  # a log replayed in memory patches what the file holds
+            super().read_into(offset, view)
+        else:
+            self._read_into_mapped(offset, view, self.file.pread_into)
+
     # --- writing ------------------------------------------------------------------------------
 
     def _begin_write(self, *, data: bool = True) -> None:
