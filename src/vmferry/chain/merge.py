@@ -22,11 +22,11 @@ from vmferry.chain.journal import read_journal, remove_journal, write_journal
 from vmferry.chain.open import open_chain, open_layer
 from vmferry.chain.surgery import CHILD_SEARCH_DEPTH
 from vmferry.disk import Alloc, DiskFormat, ParentInfo
-from vmferry.disk.readahead import read_ahead_into
+from vmferry.disk.readahead import chunk_for, read_ahead_into
 from vmferry.errors import UnsafeOperationError, UsageError
 from vmferry.ops.progress import NoProgress, Progress
 
-COPY_CHUNK = 8 << 20
+COPY_CHUNK = 8 << 20  # for a sibling's copy; the merge itself uses readahead.chunk_for
 #: bytes written into the parent between requests to start writing them back to disk
 WRITEBACK_EVERY = 64 << 20
 
@@ -69,14 +69,14 @@ def _copy_layer(child: DiskFormat, parent: DiskFormat, progress: Progress) -> in
     The child is read a few chunks ahead on a helper thread while the parent is written, and
     the parent's writeback is started as it goes: the final flush then finds little to do.
     """
+    step = chunk_for(parent)
     extents = [e for e in child.extents() if e.alloc is not Alloc.UNALLOCATED]
     progress.start(sum(e.length for e in extents), "merging")
     plan: list[tuple[DiskFormat, int, int]] = []
     for ext in extents:
         if ext.alloc is Alloc.DATA:
             plan += [
-                (child, pos, min(COPY_CHUNK, ext.end - pos))
-                for pos in range(ext.offset, ext.end, COPY_CHUNK)
+                (child, pos, min(step, ext.end - pos)) for pos in range(ext.offset, ext.end, step)
             ]
     done = unflushed = 0
     chunks = read_ahead_into(plan)
@@ -87,7 +87,7 @@ def _copy_layer(child: DiskFormat, parent: DiskFormat, progress: Progress) -> in
                 done += ext.length
                 progress.advance(done)
                 continue
-            for pos in range(ext.offset, ext.end, COPY_CHUNK):
+            for pos in range(ext.offset, ext.end, step):
                 data = next(chunks)
                 parent.write(pos, data)
                 done += len(data)

@@ -315,6 +315,11 @@ class BlockFile:
             view = view[written:]
             offset += written
 
+    @property
+    def writes_direct(self) -> bool:
+        """Large writes go past the page cache (``write_direct`` was asked for and works)."""
+        return self._direct is not None and self._direct.fd >= 0
+
     def write_direct(self) -> bool:
         """Send large writes past the page cache (O_DIRECT) from now on; False if impossible.
 

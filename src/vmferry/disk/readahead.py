@@ -25,6 +25,29 @@ class ReadableInto(Protocol):
 #: requests read ahead of the one being consumed
 DEPTH = 2
 
+#: bytes per request when the output is written directly (O_DIRECT): the device wants large
+#: requests (2 GiB here: 2.6 s in 8 MiB writes, 6.5 s in 1 MiB ones) and no CPU copy follows
+DIRECT_CHUNK = 8 << 20
+#: bytes per request when the output goes through the page cache.  Each chunk is then copied
+#: twice (page cache → buffer → page cache); a buffer that is still in the CPU's cache for the
+#: second copy makes it cheap.  Measured here (2 GiB, vdi → raw, --no-sync): 8 MiB chunks
+#: 6-8 s of system time, 2 MiB 5 s, 1 MiB 0.8-1.0 s, 512 KiB 1.4 s (Python's share grows).
+CACHED_CHUNK = 1 << 20
+
+
+class _File(Protocol):
+    @property
+    def writes_direct(self) -> bool: ...
+
+
+class _Writes(Protocol):
+    file: _File
+
+
+def chunk_for(dst: _Writes) -> int:
+    """Request size for a copy into ``dst`` (see DIRECT_CHUNK and CACHED_CHUNK)."""
+    return DIRECT_CHUNK if dst.file.writes_direct else CACHED_CHUNK
+
 
 def read_ahead(plan: Sequence[tuple[Readable, int, int]], depth: int = DEPTH) -> Iterator[bytes]:
     """The bytes of each (source, offset, length) in ``plan``, in order, read ``depth`` ahead.

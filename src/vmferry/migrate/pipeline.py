@@ -24,14 +24,16 @@ from pathlib import Path
 
 from vmferry.chain import Chain
 from vmferry.disk import driver_by_name
-from vmferry.disk.readahead import read_ahead
+from vmferry.disk.readahead import CACHED_CHUNK, read_ahead
 from vmferry.guest.overlay import Overlay
 from vmferry.migrate.digest import BlockDigest
 from vmferry.ops.atomic import AtomicOutput
 from vmferry.ops.convert import write_nonzero
 from vmferry.ops.progress import NoProgress, Progress
 
-CHUNK = 8 << 20
+#: the output goes through the page cache (verify re-reads it from there): small chunks stay in
+#: the CPU's cache between the read and the write copy (see readahead.CACHED_CHUNK)
+CHUNK = CACHED_CHUNK
 READ_AHEAD = 2
 #: test hook: seconds to sleep after each chunk (a kill test needs a migration caught mid-disk);
 #: inert unless set

@@ -16,14 +16,16 @@ from pathlib import Path
 
 from vmferry.chain import Chain, open_chain
 from vmferry.disk import DiskFormat, driver_by_name, driver_for_extension
-from vmferry.disk.readahead import read_ahead_into
+from vmferry.disk.readahead import CACHED_CHUNK, chunk_for, read_ahead_into
 from vmferry.errors import UsageError
 from vmferry.ops.atomic import AtomicOutput
 from vmferry.ops.progress import NoProgress, Progress
 from vmferry.ops.sparse import nonzero_runs
 
-#: bytes read per request: large enough to amortise Python overhead, small enough for cache
-CHUNK = 8 << 20
+#: the chunk for callers that do not know where their bytes go
+CHUNK = CACHED_CHUNK
+
+
 #: bytes written between requests to start writing them back to disk
 WRITEBACK_EVERY = 64 << 20
 
@@ -56,7 +58,7 @@ def output_driver(dst: str | os.PathLike[str], dst_format: str | None) -> type[D
     return drv
 
 
-def _read_plan(src: Chain) -> tuple[list[tuple[DiskFormat, int, int]], int]:
+def _read_plan(src: Chain, chunk: int) -> tuple[list[tuple[DiskFormat, int, int]], int]:
     """Chunk-sized reads of every data run, in disk order, each from the layer that holds it."""
     plan: list[tuple[DiskFormat, int, int]] = []
     for ext in src.map():
@@ -65,7 +67,7 @@ def _read_plan(src: Chain) -> tuple[list[tuple[DiskFormat, int, int]], int]:
         layer = src.layers[ext.depth]
         pos = ext.offset
         while pos < ext.end:
-            n = min(CHUNK - (pos % CHUNK), ext.end - pos)
+            n = min(chunk - (pos % chunk), ext.end - pos)
             plan.append((layer, pos, n))
             pos += n
     return plan, sum(n for _, _, n in plan)
@@ -81,7 +83,7 @@ def copy_chain(
     ``writeback`` starts writing finished data to disk as it goes, for an output that will be
     synced at the end (``False`` when it will not be).  Returns (bytes read, bytes written).
     """
-    plan, total = _read_plan(src)
+    plan, total = _read_plan(src, chunk_for(dst))
     progress.start(total, "converting")
     chunks = read_ahead_into(plan)
     try:
