@@ -7,23 +7,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from tests.vm._models import pvscsi_bios_vm
 from vmferry.cli.main import cli
 from vmferry.errors import UsageError
 from vmferry.vm import convert, convert_config, read_config
-from vmferry.vm.model import Disk, Nic, VmModel
+from vmferry.vm.model import Disk
 from vmferry.vm.writers.proxmox import check_vmid, parse_vmid, write_proxmox
-
-
-def _vm() -> VmModel:
-    return VmModel(
-        name="web",
-        firmware="bios",
-        cpus=2,
-        memory_mb=2048,
-        disks=[Disk("web.vmdk", "scsi", "pvscsi", 0, 0), Disk("data.vmdk", "scsi", "pvscsi", 0, 1)],
-        nics=[Nic("00:50:56:01:02:03", "vmxnet3", "VM Network")],
-        source_format="vmx",
-    )
 
 
 @pytest.mark.parametrize("vmid", [100, 101, 4242, 999_999_999])
@@ -57,7 +46,7 @@ def test_invalid_vmid_text(text: str, message: str) -> None:
 
 
 def test_writer_names_conf_and_volumes_after_the_vmid() -> None:
-    vm = _vm()
+    vm = pvscsi_bios_vm()
     vm.disks = [Disk("vm-4242-disk-0.qcow2", "scsi", "virtio-scsi", 0, 0, boot_order=1)]
     ((name, conf),) = write_proxmox(vm, "local", 4242).items()
     assert name == "4242.conf"
@@ -67,7 +56,7 @@ def test_writer_names_conf_and_volumes_after_the_vmid() -> None:
 
 
 def test_convert_config_with_a_vmid_renames_the_disks(tmp_path: Path) -> None:
-    files, choices, lost = convert_config(_vm(), "proxmox", vmid=4242)
+    files, choices, lost = convert_config(pvscsi_bios_vm(), "proxmox", vmid=4242)
     ((name, conf),) = files.items()
     assert name == "4242.conf"
     assert "scsi0: local:4242/vm-4242-disk-0.qcow2" in conf
@@ -82,7 +71,7 @@ def test_convert_config_with_a_vmid_renames_the_disks(tmp_path: Path) -> None:
 
 
 def test_convert_config_without_a_vmid_is_unchanged() -> None:
-    files, _, lost = convert_config(_vm(), "proxmox")
+    files, _, lost = convert_config(pvscsi_bios_vm(), "proxmox")
     ((name, conf),) = files.items()
     assert name == "web.conf" and "scsi0: local:web.qcow2" in conf
     assert any("'local:<file>'" in x for x in lost)
@@ -90,9 +79,9 @@ def test_convert_config_without_a_vmid_is_unchanged() -> None:
 
 def test_convert_config_refuses_a_vmid_for_another_target() -> None:
     with pytest.raises(UsageError, match="Proxmox targets only, not kvm"):
-        convert_config(_vm(), "kvm", vmid=4242)
+        convert_config(pvscsi_bios_vm(), "kvm", vmid=4242)
     with pytest.raises(UsageError, match="outside"):
-        convert_config(_vm(), "proxmox", vmid=7)
+        convert_config(pvscsi_bios_vm(), "proxmox", vmid=7)
 
 
 def _vmx(tmp_path: Path) -> Path:

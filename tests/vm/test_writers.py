@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.vm._models import pvscsi_bios_vm
 from vmferry.errors import ConfigError
 from vmferry.vm import convert, convert_config, read_config
-from vmferry.vm.model import Disk, Nic, VmModel
+from vmferry.vm.model import VmModel
 
 from ._corpus import corpus_files, ids
 
@@ -91,20 +92,8 @@ def test_xen_ovf_round_trip_keeps_order_and_macs(corpus: Path, tmp_path: Path) -
     assert (again.firmware, again.secure_boot) == ("uefi", True)
 
 
-def _pvscsi_bios_vm() -> VmModel:
-    return VmModel(
-        name="web",
-        firmware="bios",
-        cpus=2,
-        memory_mb=2048,
-        disks=[Disk("web.vmdk", "scsi", "pvscsi", 0, 0), Disk("data.vmdk", "scsi", "pvscsi", 0, 1)],
-        nics=[Nic("00:50:56:01:02:03", "vmxnet3", "VM Network")],
-        source_format="vmx",
-    )
-
-
 def test_hyperv_gen1_for_bios_pvscsi() -> None:
-    files, choices, _ = convert_config(_pvscsi_bios_vm(), "hyperv")
+    files, choices, _ = convert_config(pvscsi_bios_vm(), "hyperv")
     script = next(iter(files.values()))
     assert "-Generation 1 " in script
     boot = re.search(r"Add-VMHardDiskDrive .*'web\.vhdx'", script).group(0)
@@ -136,14 +125,14 @@ def test_hyperv_gen2_for_uefi(corpus: Path) -> None:
 
 
 def test_hyperv_gen1_refuses_uefi_when_forced() -> None:
-    vm = _pvscsi_bios_vm()
+    vm = pvscsi_bios_vm()
     vm.firmware = "uefi"
     with pytest.raises(ConfigError):
         convert_config(vm, "hyperv", boot_controller="piix4")
 
 
 def test_keep_macs_false_drops_macs() -> None:
-    files, choices, _ = convert_config(_pvscsi_bios_vm(), "kvm", keep_macs=False)
+    files, choices, _ = convert_config(pvscsi_bios_vm(), "kvm", keep_macs=False)
     assert "00:50:56:01:02:03" not in next(iter(files.values()))
     assert any("MAC 00:50:56:01:02:03 dropped" in c for c in choices)
 
@@ -160,7 +149,7 @@ def test_not_carried_lists_snapshots_secure_boot_and_unknowns(corpus: Path) -> N
 
 
 def test_disk_over_target_limit_is_reported() -> None:
-    vm = _pvscsi_bios_vm()
+    vm = pvscsi_bios_vm()
     vm.disks[0].size_bytes = 3 * 1024**4
     _, _, lost = convert_config(vm, "azure")
     assert any("exceeds the 2040 GiB" in x for x in lost)
@@ -168,7 +157,7 @@ def test_disk_over_target_limit_is_reported() -> None:
 
 def test_unknown_target() -> None:
     with pytest.raises(ConfigError, match="unknown target"):
-        convert_config(_pvscsi_bios_vm(), "bhyve")
+        convert_config(pvscsi_bios_vm(), "bhyve")
 
 
 def test_api_convert_writes_and_refuses_overwrite(corpus: Path, tmp_path: Path) -> None:
@@ -197,7 +186,7 @@ def test_hyperv_gen1_boot_disk_is_on_ide_whatever_the_model_says() -> None:
     """A Generation 1 VM boots from IDE only: the writer never attaches its boot disk to SCSI."""
     from vmferry.vm.writers.hyperv import write_hyperv
 
-    vm = _pvscsi_bios_vm()
+    vm = pvscsi_bios_vm()
     vm.disks[0].boot_order = 1
     (script,) = write_hyperv(vm).values()
     boot = re.search(r"Add-VMHardDiskDrive .*'web\.vmdk'", script).group(0)
@@ -207,7 +196,7 @@ def test_hyperv_gen1_boot_disk_is_on_ide_whatever_the_model_says() -> None:
 @pytest.mark.parametrize(("firmware", "generation"), [("bios", "V1"), ("uefi", "V2")])
 def test_azure_gets_an_az_cli_script(firmware: str, generation: str, tmp_path: Path) -> None:
     """Azure imports no config: page-blob upload, managed disks, ``az vm create`` from them."""
-    vm = _pvscsi_bios_vm()
+    vm = pvscsi_bios_vm()
     vm.firmware = firmware
     vm.name = "web server"
     files, _, _ = convert_config(vm, "azure")
@@ -232,12 +221,12 @@ def test_azure_gets_an_az_cli_script(firmware: str, generation: str, tmp_path: P
 def test_xen_ovf_round_trips_the_xen_vbd(tmp_path: Path) -> None:
     """The xen OVF places the boot VBD on IDE (all OVF can say); reading it back names the
     disk the Linux guest really uses, xen-blkfront, as the migration result does."""
-    files, _, _ = convert_config(_pvscsi_bios_vm(), "xen")
+    files, _, _ = convert_config(pvscsi_bios_vm(), "xen")
     ((name, text),) = files.items()
     assert "<rasd:ResourceType>5</rasd:ResourceType>" in text.replace("ovf:", "")
     (tmp_path / name).write_text(text)
     model = read_config(tmp_path / name)
     assert [d.controller_model for d in model.disks] == ["xen-blkfront", "xen-blkfront"]
     vmware = tmp_path / "vmw.ovf"
-    vmware.write_text(next(iter(convert_config(_pvscsi_bios_vm(), "ovf").files.values())))
+    vmware.write_text(next(iter(convert_config(pvscsi_bios_vm(), "ovf").files.values())))
     assert read_config(vmware).disks[0].controller_model != "xen-blkfront"
