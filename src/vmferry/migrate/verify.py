@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vmferry.chain import open_chain
+from vmferry.disk.readahead import CACHED_CHUNK
 from vmferry.errors import VmferryError
 from vmferry.migrate.digest import BlockDigest, block_windows
 
@@ -26,7 +27,7 @@ def digest_output(path: Path, fmt: str, virtual_size: int) -> tuple[str, bool]:
     windows over the data (:func:`block_windows`) are read and hashed on two threads (reads and
     hashlib release the GIL); this thread only combines the block digests in order.
     """
-    step = 1 << 20  # a window is hashed right after it is read: still in the CPU's cache
+    step = CACHED_CHUNK  # a window is hashed right after it is read: still in the CPU's cache
     with open_chain(path, fmt) as chain:
         d = BlockDigest(virtual_size)
         runs = [(e.offset, e.end) for e in chain.map() if e.data]

@@ -12,10 +12,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from vmferry.chain import Chain, MapExtent, open_chain
+from vmferry.disk.readahead import CACHED_CHUNK
 from vmferry.ops.progress import NoProgress, Progress
 from vmferry.ops.sparse import is_zero
 
-CHUNK = 1 << 20  # both sides' buffers stay in the CPU's cache for the comparison
+CHUNK = CACHED_CHUNK  # both sides' buffers stay in the CPU's cache for the comparison
 
 
 @dataclass

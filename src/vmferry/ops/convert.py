@@ -16,15 +16,11 @@ from pathlib import Path
 
 from vmferry.chain import Chain, open_chain
 from vmferry.disk import DiskFormat, driver_by_name, driver_for_extension
-from vmferry.disk.readahead import CACHED_CHUNK, chunk_for, read_ahead_into
+from vmferry.disk.readahead import chunk_for, read_ahead_into
 from vmferry.errors import UsageError
 from vmferry.ops.atomic import AtomicOutput
 from vmferry.ops.progress import NoProgress, Progress
 from vmferry.ops.sparse import nonzero_runs
-
-#: the chunk for callers that do not know where their bytes go
-CHUNK = CACHED_CHUNK
-
 
 #: bytes written between requests to start writing them back to disk
 WRITEBACK_EVERY = 64 << 20
