@@ -174,3 +174,96 @@ def test_no_direct_for_read_only_files_or_when_open_is_refused(
     bf.close()
     monkeypatch.setattr(os, "open", real_open)
     assert _disk_bytes(tmp_path / "out.img", 0, len(data)) == data
+
+
+def _pieces(sizes: list[int]) -> list[bytes]:
+    return [os.urandom(n) for n in sizes]
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_pieces_are_written_back_to_back(direct_dir: Path, direct: bool) -> None:
+    """A VHD-like run (512-byte bitmaps between 2 MiB blocks) crossing the bounce buffer's
+    size, starting and ending off a page: the same bytes whether direct or cached."""
+    bf = _fresh(direct_dir, 32 << 20)
+    assert bf.write_direct() is True or not direct
+    if not direct:
+        bf._direct = None
+    pieces = _pieces([512, 2 << 20] * 5 + [512, 1000])
+    offset = 4096 * 3 + 512
+    bf.write_pieces(offset, pieces)
+    bf.write_pieces(100, [b"ab", b"", b"cd"])  # small: all through the cache
+    total = sum(len(p) for p in pieces)
+    assert bf.size == 32 << 20
+    bf.sync_now()
+    bf.close()
+    path = direct_dir / "out.img"
+    assert _disk_bytes(path, offset, total) == b"".join(pieces)
+    assert _disk_bytes(path, 100, 4) == b"abcd"
+    assert _disk_bytes(path, offset + total, 4096) == bytes(4096)
+
+
+def test_pieces_go_direct_in_bounce_sized_requests(
+    direct_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bf = _fresh(direct_dir, 32 << 20)
+    assert bf.write_direct()
+    direct_fd = bf._direct.fd  # type: ignore[union-attr]
+    real_pwrite = os.pwrite
+    sizes: dict[str, list[int]] = {"direct": [], "cached": []}
+
+    def pwrite(fd: int, data: memoryview, offset: int) -> int:
+        sizes["direct" if fd == direct_fd else "cached"].append(len(data))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    pieces = _pieces([512, 2 << 20] * 4)  # 8 MiB + 2 KiB from a page boundary
+    bf.write_pieces(0, pieces)
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    assert sizes["direct"] == [blockfile._BOUNCE_SIZE]
+    assert sizes["cached"] == [2048]
+    bf.close()
+    assert _disk_bytes(direct_dir / "out.img", 0, 4 * (512 + (2 << 20))) == b"".join(pieces)
+
+
+def test_refused_pieces_fall_back_to_the_page_cache(
+    direct_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bf = _fresh(direct_dir, 32 << 20)
+    assert bf.write_direct()
+    direct_fd = bf._direct.fd  # type: ignore[union-attr]
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data: object, offset: int) -> int:
+        if fd == direct_fd:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    pieces = _pieces([512, DIRECT_MIN, 512, DIRECT_MIN])
+    bf.write_pieces(4096, pieces)
+    assert not bf.writes_direct
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    bf.close()
+    assert _disk_bytes(direct_dir / "out.img", 4096, 2 * (512 + DIRECT_MIN)) == b"".join(pieces)
+
+
+def test_cached_writes_are_handed_over_in_bounded_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large buffered writes reach the kernel in CACHED_WRITE_MAX pieces (why: blockfile.py)."""
+    bf = _fresh(tmp_path, 0)
+    real_pwrite = os.pwrite
+    sizes: list[int] = []
+
+    def pwrite(fd: int, data: memoryview, offset: int) -> int:
+        sizes.append(len(data))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    data = os.urandom(3 * blockfile.CACHED_WRITE_MAX + 5)
+    bf.write(1 << 20, data)
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    assert sizes == [blockfile.CACHED_WRITE_MAX] * 3 + [5]
+    assert bf.size == (1 << 20) + len(data)
+    bf.close()
+    assert _disk_bytes(tmp_path / "out.img", 1 << 20, len(data)) == data

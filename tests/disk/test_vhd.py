@@ -20,6 +20,7 @@ import vmferry
 from tests.conftest import qemu_img, qemu_img_info, qemu_io, unpack_corpus_file
 from vmferry.chain import open_layer
 from vmferry.disk import Alloc
+from vmferry.disk.blockfile import BlockFile
 from vmferry.disk.vhd import (
     FOOTER_SIZE,
     Vhd,
@@ -120,6 +121,55 @@ def test_written_images_match_qemu(tmp_path: Path, subformat: str, block_size: s
     ref = tmp_path / "ref.raw"
     ref.write_bytes(model)
     assert qemu_img_info(img, "vpc")["virtual-size"] == size
+    out = qemu_img("compare", "-f", "vpc", "-F", "raw", img, ref, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    with vmferry.open(img) as disk:
+        assert disk.read(0, size) == model
+        assert disk.top.check().clean
+
+
+@pytest.mark.parametrize("block_size", [512 * 1024, 2 * MiB])
+def test_long_writes_append_fresh_blocks_together_and_match_qemu(
+    tmp_path: Path, block_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write over several unallocated blocks appends them in one gathered file write
+    (bitmap, data, bitmap, data...), beside blocks already allocated; qemu reads it all."""
+    size = 12 * block_size + 3 * 512
+    img = tmp_path / "g.vhd"
+    model = bytearray(size)
+    gathered: list[list[int]] = []
+    real = BlockFile.write_pieces
+
+    def record(self: BlockFile, offset: int, pieces: list) -> None:
+        gathered.append([len(p) for p in pieces])
+        real(self, offset, pieces)
+
+    monkeypatch.setattr(BlockFile, "write_pieces", record)
+    rng = random.Random(5)
+    writes = [
+        (3 * block_size, 2 * block_size),  # two whole fresh blocks
+        (block_size + 1000, 3 * block_size),  # fresh partial, allocated, fresh whole, partial
+        (7 * block_size - 512, 4 * block_size + 700),  # ends in the last, partial block
+        (0, size),  # everything again: allocated and fresh blocks side by side
+    ]
+    with vmferry.create(img, "vhd", size, block_size=str(block_size)) as disk:
+        for off, n in writes:
+            data = rng.randbytes(n)
+            disk.write(off, data)
+            model[off : off + n] = data
+    bm = sec = 512  # one sector of bitmap covers 4096 sectors: both block sizes here
+    assert gathered == [
+        [bm, block_size, bm, block_size],  # blocks 3, 4
+        [bm],  # block 1 starts 1000 bytes in: its data is not next to its bitmap
+        [block_size - sec, bm, block_size],  # ... from its 2nd sector on, then block 2
+        [bm],  # block 6, only its last sector
+        [sec] + [bm, block_size] * 4 + [bm, sec],  # that sector, blocks 7-10, block 11's first
+        [bm, block_size],  # block 0
+        [bm, block_size],  # block 5
+        [bm, 3 * sec],  # block 12: the disk's last 3 sectors
+    ]
+    ref = tmp_path / "ref.raw"
+    ref.write_bytes(model)
     out = qemu_img("compare", "-f", "vpc", "-F", "raw", img, ref, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
     with vmferry.open(img) as disk:
@@ -442,14 +492,18 @@ class _Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("crash_at", range(12))
+@pytest.mark.parametrize("crash_at", range(17))  # 16 writes and fsyncs, then none
 def test_a_crash_during_allocation_leaves_a_readable_image(tmp_path: Path, crash_at: int) -> None:
     img = tmp_path / "c.vhd"
-    with vmferry.create(img, "vhd", 6 * MiB) as disk:
+    with vmferry.create(img, "vhd", 10 * MiB) as disk:
         disk.write(0, b"\x01" * 4096)
     layer = open_layer(img, "vhd", writable=True)
     calls = 0
-    real_write, real_fsync = layer.file.write, layer.file.fsync
+    real_write, real_pieces, real_fsync = (
+        layer.file.write,
+        layer.file.write_pieces,
+        layer.file.fsync,
+    )
 
     def counting(fn):
         def wrapper(*args):
@@ -462,11 +516,13 @@ def test_a_crash_during_allocation_leaves_a_readable_image(tmp_path: Path, crash
         return wrapper
 
     layer.file.write = counting(real_write)  # type: ignore[method-assign]
+    layer.file.write_pieces = counting(real_pieces)  # type: ignore[method-assign]
     layer.file.fsync = counting(real_fsync)  # type: ignore[method-assign]
     try:
         layer.write(3 * MiB, b"\x02" * 4096)  # allocates block 1
         layer.write(5, b"\x03" * 600)  # in place: sectors the block already holds
         layer.write(5000, b"\x04" * 600)  # existing block, new bitmap bits
+        layer.write(6 * MiB, b"\x05" * (4 * MiB))  # blocks 3 and 4 whole, in one append
         layer.flush()
         finished = True
     except _Crash:
@@ -482,11 +538,14 @@ def test_a_crash_during_allocation_leaves_a_readable_image(tmp_path: Path, crash
             bytes(8192),
             bytes(5000 - 4096) + b"\x04" * 600 + bytes(8192 - 600 - (5000 - 4096)),
         )
+        appended = [disk.read(at, 2 * MiB) for at in (6 * MiB, 8 * MiB)]
+        assert all(block in (bytes(2 * MiB), b"\x05" * 2 * MiB) for block in appended)
         if finished:
             assert disk.read(5000, 600) == b"\x04" * 600 and new == b"\x02" * 4096
+            assert appended == [b"\x05" * 2 * MiB] * 2
         report = disk.top.check()
         assert not report.corruptions or all("footer" in c for c in report.corruptions)
-    assert qemu_img_info(img, "vpc")["virtual-size"] == 6 * MiB
+    assert qemu_img_info(img, "vpc")["virtual-size"] == 10 * MiB
 
 
 def test_check_reports_a_leaked_block(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import os
 import struct
 import uuid
 from array import array
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -559,7 +559,7 @@ class Vdi(DiskFormat):
         if not len(data):
             return
         self._touch()
-        view = memoryview(data).cast("B")
+        source = view = memoryview(data).cast("B")
         bs = self.block_size
         pending: list[tuple[int, int, memoryview]] = []
         pos = offset
@@ -574,7 +574,7 @@ class Vdi(DiskFormat):
             view = view[n:]
             pos += n
         if pending:
-            self._allocate(pending)
+            self._allocate(pending, source, offset)
 
     def _take_slot(self) -> int:
         if self._free_slots:
@@ -586,7 +586,9 @@ class Vdi(DiskFormat):
         self.max_slot += 1
         return self.max_slot
 
-    def _allocate(self, pending: list[tuple[int, int, memoryview]]) -> None:
+    def _allocate(
+        self, pending: list[tuple[int, int, memoryview]], source: memoryview, offset: int
+    ) -> None:
         """Give each block a slot and its data; the map entries are published in batches.
 
         Publishing (``_publish``) is: fsync the data, write the map entries and the header's
@@ -597,16 +599,17 @@ class Vdi(DiskFormat):
         """
         changed: list[int] = []
         grow_to = self.file.size
-        for index, in_block, chunk in pending:
-            entry = self.bmap[index]
+        appended: list[tuple[int, int, int]] = []  # (file offset, offset in source, length)
+        for index, in_block, chunk in pending:  # refuse before anything changes
             covers = in_block == 0 and len(chunk) >= self._block_len(index)
-            if entry == FREE and self.is_diff and not covers:
+            if self.bmap[index] == FREE and self.is_diff and not covers:
                 raise UsageError(
                     f"a write covering only part of block {index} of a differencing VDI needs "
                     "the parent's bytes for the rest of the block",
                     path=str(self.file.path),
                     hint="write through the chain (vmferry.open), which completes the block",
                 )
+        for index, in_block, chunk in pending:
             slot = self._take_slot()
             start = self._slot_offset(slot)
             if start < self.file.size:  # reused or leaked slot: old bytes must not show
@@ -614,10 +617,15 @@ class Vdi(DiskFormat):
                 buf[in_block : in_block + len(chunk)] = chunk
                 self.file.write(start, buf)
             else:
-                self.file.write(start + in_block, chunk)
+                appended.append(
+                    (start + in_block, index * self.block_size + in_block - offset, len(chunk))
+                )
             grow_to = max(grow_to, start + self.block_size)
             self.bmap[index] = slot
             changed.append(index)
+        for at, rel, n in _back_to_back(appended):
+            # new blocks take consecutive slots: one write for a run of them (large requests)
+            self.file.write(at, source[rel : rel + n])
         if grow_to > self.file.size:
             self.file.truncate(grow_to)
         self.mapped += len(changed)
@@ -930,6 +938,20 @@ class Vdi(DiskFormat):
 
 #: vmferry's note of where the parent was, kept in the (otherwise free-text) comment field
 HINT_PREFIX = "vmferry-parent="
+
+
+def _back_to_back(writes: list[tuple[int, int, int]]) -> Iterator[tuple[int, int, int]]:
+    """Merge (file offset, source offset, length) writes that continue one another in both."""
+    run: tuple[int, int, int] | None = None
+    for at, rel, n in writes:
+        if run is not None and run[0] + run[2] == at and run[1] + run[2] == rel:
+            run = (run[0], run[1], run[2] + n)
+            continue
+        if run is not None:
+            yield run
+        run = (at, rel, n)
+    if run is not None:
+        yield run
 
 
 def _hint_comment(relative_path: str) -> bytes:

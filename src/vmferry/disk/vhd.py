@@ -22,7 +22,8 @@ import struct
 import time
 import uuid
 from array import array
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Self
 from urllib.parse import unquote, urlparse
 
@@ -289,6 +290,7 @@ class Vhd(DiskFormat):
         self._bits: dict[int, str] = {}
         self._raw_bitmaps: dict[int, bytearray] = {}
         self._dirty: set[int] = set()  # bitmaps changed in memory, not yet on disk
+        self._full_bm: bytes | None = None
         self.virtual_size = 0
 
     # --- probing and opening ------------------------------------------------------------------
@@ -715,11 +717,21 @@ class Vhd(DiskFormat):
         self._check_partial_sectors(offset, len(data))
         view = memoryview(data)
         pos = offset
+        fresh: list[_Fresh] = []  # consecutive unallocated blocks, appended together
         while len(view):
-            n = min(len(view), self.block_size - pos % self.block_size)
-            self._write_in_block(pos // self.block_size, pos % self.block_size, view[:n])
+            index, in_block = divmod(pos, self.block_size)
+            n = min(len(view), self.block_size - in_block)
+            if self.bat[index] != FREE:
+                self._write_in_block(index, in_block, view[:n])
+            else:
+                if fresh and fresh[-1].index != index - 1:
+                    self._allocate(fresh)
+                    fresh = []
+                fresh.append(self._sectors(index, in_block, view[:n]))
             view = view[n:]
             pos += n
+        if fresh:
+            self._allocate(fresh)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self._require_writable()
@@ -765,31 +777,34 @@ class Vhd(DiskFormat):
             )
         return bytes(SECTOR)
 
-    def _write_in_block(
+    def _sectors(
         self, index: int, in_block: int, chunk: memoryview | None, zero_len: int = 0
-    ) -> None:
-        """Write ``chunk`` (or ``zero_len`` zeros when chunk is None) inside one block."""
+    ) -> _Fresh:
+        """The whole sectors of block ``index`` that a write of ``chunk`` (or of ``zero_len``
+        zeros when chunk is None) covers, completed from this layer where it covers part of one."""
         length = len(chunk) if chunk is not None else zero_len
         s0 = in_block // SECTOR
         s1 = -(-(in_block + length) // SECTOR)
         head = in_block - s0 * SECTOR
-        aligned = head == 0 and (in_block + length) % SECTOR == 0
-        buf: bytes | bytearray | memoryview | None
-        if aligned:
-            buf = chunk
-        else:
-            buf = bytearray((s1 - s0) * SECTOR)
-            if head or s1 - s0 == 1:
-                buf[:SECTOR] = self._own_sector(index, s0)
-            if (in_block + length) % SECTOR and s1 - 1 > s0:
-                buf[-SECTOR:] = self._own_sector(index, s1 - 1)
-            if chunk is not None:
-                buf[head : head + length] = chunk
-            else:
-                buf[head : head + length] = bytes(length)
+        if head == 0 and (in_block + length) % SECTOR == 0:
+            return _Fresh(index, s0, s1, chunk)
+        buf = bytearray((s1 - s0) * SECTOR)
+        if head or s1 - s0 == 1:
+            buf[:SECTOR] = self._own_sector(index, s0)
+        if (in_block + length) % SECTOR and s1 - 1 > s0:
+            buf[-SECTOR:] = self._own_sector(index, s1 - 1)
+        buf[head : head + length] = chunk if chunk is not None else bytes(length)
+        return _Fresh(index, s0, s1, buf)
+
+    def _write_in_block(
+        self, index: int, in_block: int, chunk: memoryview | None, zero_len: int = 0
+    ) -> None:
+        """Write ``chunk`` (or ``zero_len`` zeros when chunk is None) inside one block."""
+        span = self._sectors(index, in_block, chunk, zero_len)
         if self.bat[index] == FREE:
-            self._allocate(index, s0, s1, buf)
+            self._allocate([span])
             return
+        s0, s1, buf = span.s0, span.s1, span.data
         data_at = self.bat[index] * SECTOR + self.bitmap_size
         if buf is None:
             lo, hi = data_at + s0 * SECTOR, data_at + s1 * SECTOR
@@ -834,36 +849,61 @@ class Vhd(DiskFormat):
             self.flush()
         self.file.close()
 
-    def _allocate(
-        self, index: int, s0: int, s1: int, data: bytes | bytearray | memoryview | None
-    ) -> None:
-        """Append a block at the end (over the old footer), then publish its BAT entry.
+    def _allocate(self, blocks: list[_Fresh]) -> None:
+        """Append consecutive new blocks at the end (over the old footer), then publish their
+        BAT entries.
 
-        Order: bitmap + data + new footer, fsync, BAT entry, fsync.  A crash before the BAT
-        write leaves a leaked block and a valid footer copy at offset 0; never garbage.
+        Order: bitmaps + data + new footer, fsync, BAT entries, fsync.  A crash before the BAT
+        write leaves leaked blocks and a valid footer copy at offset 0; never garbage.  Blocks
+        written whole are laid out bitmap, data, bitmap, data... and go to the file as one
+        gathered write (``write_pieces``), so a long copy makes large requests.
         """
         at = self._append_at
-        if at // SECTOR >= FREE:
+        stride = self.bitmap_size + self.block_size
+        if (at + stride * (len(blocks) - 1)) // SECTOR >= FREE:
             raise ResourceLimitError(
                 "the image file has reached the 2 TiB a VHD BAT can address",
                 path=str(self.file.path),
             )
-        bm = bytearray(self.bitmap_size)
-        _set_bitmap_range(bm, s0, s1)
-        self.file.write(at, bm)
-        if data is not None:
-            self.file.write(at + self.bitmap_size + s0 * SECTOR, data)
-        footer_at = at + self.bitmap_size + self.block_size
+        placed: list[tuple[int, bytes | bytearray | memoryview]] = []
+        bitmaps: list[bytearray] = []
+        for n, block in enumerate(blocks):
+            start = at + n * stride
+            if block.whole(self):
+                bm = self._full_bitmap()
+            else:
+                bm = bytearray(self.bitmap_size)
+                _set_bitmap_range(bm, block.s0, block.s1)
+            bitmaps.append(bm)
+            placed.append((start, bm))
+            if block.data is not None:
+                placed.append((start + self.bitmap_size + block.s0 * SECTOR, block.data))
+        for run_at, pieces in _back_to_back(placed):
+            self.file.write_pieces(run_at, pieces)
+        footer_at = at + stride * len(blocks)
         self.file.write(footer_at, pack_footer(self.footer))
         self.file.fsync()
-        self.file.write(self.header_table_offset + 4 * index, struct.pack(">I", at // SECTOR))
+        first = blocks[0].index
+        entries = [(at + n * stride) // SECTOR for n in range(len(blocks))]
+        self.file.write(
+            self.header_table_offset + 4 * first, struct.pack(f">{len(entries)}I", *entries)
+        )
         self.file.fsync()
-        self.bat[index] = at // SECTOR
-        self._raw_bitmaps[index] = bm
-        self._bits.pop(index, None)
+        for block, entry, bm in zip(blocks, entries, bitmaps, strict=True):
+            self.bat[block.index] = entry
+            self._raw_bitmaps[block.index] = bm
+            self._bits.pop(block.index, None)
         self.tail_footer_at = footer_at
         self._append_at = footer_at
         self._used_end = footer_at
+
+    def _full_bitmap(self) -> bytearray:
+        """The sector bitmap of a block written whole (a fresh copy: bitmaps are mutable)."""
+        if self._full_bm is None:
+            bm = bytearray(self.bitmap_size)
+            _set_bitmap_range(bm, 0, self.block_size // SECTOR)
+            self._full_bm = bytes(bm)
+        return bytearray(self._full_bm)
 
     @property
     def header_table_offset(self) -> int:
@@ -1123,6 +1163,36 @@ class Vhd(DiskFormat):
             report.leaks.append(f"{extra} bytes after the footer are unused")
             report.leaked_bytes += extra
         return report
+
+
+@dataclass(frozen=True, slots=True)
+class _Fresh:
+    """Whole sectors [s0, s1) of block ``index`` to write (``data`` None: they read as zeros)."""
+
+    index: int
+    s0: int
+    s1: int
+    data: bytes | bytearray | memoryview | None
+
+    def whole(self, vhd: Vhd) -> bool:
+        return self.s0 == 0 and self.s1 * SECTOR == vhd.block_size
+
+
+def _back_to_back(
+    placed: list[tuple[int, bytes | bytearray | memoryview]],
+) -> Iterator[tuple[int, list[bytes | bytearray | memoryview]]]:
+    """Group (offset, bytes) placements, in file order, into runs with no gap between them."""
+    run_at, run, end = 0, [], -1
+    for at, piece in placed:
+        if at != end and run:
+            yield run_at, run
+            run = []
+        if not run:
+            run_at = at
+        run.append(piece)
+        end = at + len(piece)
+    if run:
+        yield run_at, run
 
 
 def _sized_by_chs(ft: VhdFooter) -> bool:
