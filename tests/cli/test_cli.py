@@ -75,6 +75,17 @@ def test_create_convert_compare_info_json(tmp_path: Path) -> None:
     assert [(m["start"], m["length"]) for m in records if m["data"]] == [(3 << 20, 1 << 20)]
 
 
+def test_convert_quiet_prints_nothing(tmp_path: Path) -> None:
+    a, b, c = tmp_path / "a.raw", tmp_path / "b.vhd", tmp_path / "c.vhd"
+    a.write_bytes(os.urandom(1 << 20))
+    loud = run_cli("convert", "--no-sync", str(a), str(b))
+    assert loud.returncode == 0 and "written in" in loud.stdout
+    quiet = run_cli("convert", "-q", "--no-sync", str(a), str(c))
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout == quiet.stderr == ""
+    qemu_img("compare", "-f", "raw", "-F", "vpc", str(a), str(c))
+
+
 def test_errors_are_one_line_with_exit_code(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.vhd"
     garbage.write_bytes(b"conectix" + os.urandom(600))

@@ -130,6 +130,9 @@ def check(
 )
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
 @click.option(
+    "-q", "--quiet", is_flag=True, help="Print nothing but warnings and errors (no progress)."
+)
+@click.option(
     "--no-sync",
     is_flag=True,
     help="Do not wait for DST to reach the disk before renaming it into place "
@@ -148,6 +151,7 @@ def convert_cmd(
     dst_fmt: str | None,
     opts: tuple[str, ...],
     overwrite: bool,
+    quiet: bool,
     no_sync: bool,
     allow_dirs: tuple[str, ...],
     force_share: bool,
@@ -164,7 +168,7 @@ def convert_cmd(
         allowed_dirs=allow_dirs,
         force_share=force_share,
         overwrite=overwrite,
-        progress=RichProgress(False if as_json else progress),
+        progress=RichProgress(False if as_json or quiet else progress),
         sync=not no_sync,
     )
     if as_json:
@@ -172,6 +176,8 @@ def convert_cmd(
         return
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
+    if quiet:
+        return
     rate = result.data_bytes_read / result.seconds if result.seconds else 0
     click.echo(
         f"{result.destination}: {result.destination_format}, "
