@@ -51,6 +51,23 @@ def direct_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def _fail_direct(monkeypatch: pytest.MonkeyPatch, bf: BlockFile, err: int) -> list[int]:
+    """Make every write on ``bf``'s direct descriptor fail with ``err``; returns the offsets
+    tried there (the cached descriptor keeps working)."""
+    direct_fd = bf._direct.fd  # type: ignore[union-attr]
+    real_pwrite = os.pwrite
+    tried: list[int] = []
+
+    def pwrite(fd: int, data: object, offset: int) -> int:
+        if fd == direct_fd:
+            tried.append(offset)
+            raise OSError(err, os.strerror(err))
+        return real_pwrite(fd, data, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    return tried
+
+
 def test_unaligned_bytes_are_bounced_and_edges_stay_buffered(direct_dir: Path) -> None:
     bf = _fresh(direct_dir)
     assert bf.write_direct()
@@ -112,22 +129,12 @@ def test_a_refusing_filesystem_falls_back_to_the_page_cache(
 ) -> None:
     bf = _fresh(direct_dir)
     assert bf.write_direct()
-    direct_fd = bf._direct.fd  # type: ignore[union-attr]
-    real_pwrite = os.pwrite
-    refused: list[int] = []
-
-    def pwrite(fd: int, data: object, offset: int) -> int:
-        if fd == direct_fd:
-            refused.append(offset)
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_pwrite(fd, data, offset)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "pwrite", pwrite)
+    refused = _fail_direct(monkeypatch, bf, errno.EINVAL)
     data = os.urandom(DIRECT_MIN * 2)
     bf.write(0, data)
     bf.write(len(data), data)
     assert len(refused) == 1, "after one refusal direct writes stay off"
-    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    monkeypatch.undo()
     bf.close()
     assert _disk_bytes(direct_dir / "out.img", 0, 2 * len(data)) == data + data
 
@@ -135,19 +142,11 @@ def test_a_refusing_filesystem_falls_back_to_the_page_cache(
 def test_other_errors_are_not_swallowed(direct_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bf = _fresh(direct_dir)
     assert bf.write_direct()
-    direct_fd = bf._direct.fd  # type: ignore[union-attr]
-    real_pwrite = os.pwrite
-
-    def pwrite(fd: int, data: object, offset: int) -> int:
-        if fd == direct_fd:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_pwrite(fd, data, offset)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "pwrite", pwrite)
+    _fail_direct(monkeypatch, bf, errno.ENOSPC)
     with pytest.raises(OSError) as info:
         bf.write(0, os.urandom(DIRECT_MIN))
     assert info.value.errno == errno.ENOSPC
-    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    monkeypatch.undo()
     bf.close()
 
 
@@ -230,19 +229,11 @@ def test_refused_pieces_fall_back_to_the_page_cache(
 ) -> None:
     bf = _fresh(direct_dir, 32 << 20)
     assert bf.write_direct()
-    direct_fd = bf._direct.fd  # type: ignore[union-attr]
-    real_pwrite = os.pwrite
-
-    def pwrite(fd: int, data: object, offset: int) -> int:
-        if fd == direct_fd:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_pwrite(fd, data, offset)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "pwrite", pwrite)
+    refused = _fail_direct(monkeypatch, bf, errno.EINVAL)
     pieces = _pieces([512, DIRECT_MIN, 512, DIRECT_MIN])
     bf.write_pieces(4096, pieces)
-    assert not bf.writes_direct
-    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    assert refused == [4096] and not bf.writes_direct  # one try, then the cache
+    monkeypatch.undo()
     bf.close()
     assert _disk_bytes(direct_dir / "out.img", 4096, 2 * (512 + DIRECT_MIN)) == b"".join(pieces)
 
