@@ -297,40 +297,37 @@ class BlockFile:
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data``; a short write is retried, never silently accepted."""
         view = _bytes_view(data)
-        end = offset + len(view)
-        direct = self._direct
-        if direct is not None and len(view) >= DIRECT_MIN:
-            # the page-aligned interior goes past the page cache; the edges stay buffered
-            # (Linux keeps the two coherent: a direct write flushes and drops cached pages)
-            lo = -offset % DIRECT_ALIGN
-            hi = (len(view) - lo) // DIRECT_ALIGN * DIRECT_ALIGN
-            if hi and direct.write(offset + lo, view[lo : lo + hi]):
-                self._pwrite_all(self.fd, view[:lo], offset)
-                self._pwrite_all(self.fd, view[lo + hi :], offset + lo + hi)
-                self.size = max(self.size, end)
-                return
+        if self._direct is not None and len(view) >= DIRECT_MIN:
+            self._write_back_to_back(offset, (view,))
+            return
         self._pwrite_all(self.fd, view, offset)
-        if end > self.size:
-            self.size = end
+        self.size = max(self.size, offset + len(view))
 
     def write_pieces(self, offset: int, pieces: Sequence[bytes | bytearray | memoryview]) -> None:
         """Write ``pieces`` back to back from ``offset``: one write as far as the disk sees.
 
         Why: a format that interleaves metadata with data (a VHD block is its sector bitmap,
         then its data) would otherwise send the device one small request per piece.  With
-        direct writes on, the page-aligned middle is gathered into the bounce buffer and
-        goes out in requests as large as the device wants; the edges stay buffered.
+        direct writes on, the page-aligned interior goes past the page cache (gathered into
+        the bounce buffer when it is several pieces) in requests as large as the device wants;
+        the edges stay buffered (Linux keeps the two coherent: a direct write flushes and
+        drops cached pages).
         """
+        self._write_back_to_back(offset, pieces)
+
+    def _write_back_to_back(
+        self, offset: int, pieces: Sequence[bytes | bytearray | memoryview]
+    ) -> None:
         views = [_bytes_view(p) for p in pieces]
         total = sum(len(v) for v in views)
         direct = self._direct
         if direct is not None and total >= DIRECT_MIN:
             lo = -offset % DIRECT_ALIGN
             hi = (total - lo) // DIRECT_ALIGN * DIRECT_ALIGN
-            if hi and direct.write_gathered(offset + lo, _window(views, lo, lo + hi)):
-                for at, view in _placed(offset, _window(views, 0, lo)):
-                    self._pwrite_all(self.fd, view, at)
-                for at, view in _placed(offset + lo + hi, _window(views, lo + hi, total)):
+            if hi and direct.write(offset + lo, _window(views, lo, lo + hi)):
+                head = _placed(offset, _window(views, 0, lo))
+                tail = _placed(offset + lo + hi, _window(views, lo + hi, total))
+                for at, view in (*head, *tail):
                     self._pwrite_all(self.fd, view, at)
                 self.size = max(self.size, offset + total)
                 return
@@ -511,35 +508,17 @@ class _DirectWriter:
             return None
         return cls(owner, fd)
 
-    def write(self, offset: int, view: memoryview) -> bool:
-        """Write ``view`` (page-aligned offset and length) directly; False: not done at all."""
+    def write(self, offset: int, views: list[memoryview]) -> bool:
+        """Write ``views`` back to back (page-aligned offset and total) directly; False: not
+        done at all.  One page-aligned buffer goes as it is; anything else is gathered into
+        the bounce buffer and written in requests of its size."""
         if self.fd < 0:
             return False
         try:
-            if _aligned(view):
-                self.owner._pwrite_all(self.fd, view, offset)
+            if len(views) == 1 and _aligned(views[0]):
+                self.owner._pwrite_all(self.fd, views[0], offset)
                 return True
             bounce = self._bounce_view()
-            pos = 0
-            while pos < len(view):
-                n = min(len(bounce), len(view) - pos)
-                bounce[:n] = view[pos : pos + n]
-                self.owner._pwrite_all(self.fd, bounce[:n], offset + pos)
-                pos += n
-            return True
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            self.close()  # the filesystem refuses: the page cache does it from now on
-            return False
-
-    def write_gathered(self, offset: int, views: list[memoryview]) -> bool:
-        """Write ``views`` back to back (page-aligned offset and total) through the bounce
-        buffer, in requests of its size; False: not done at all."""
-        if self.fd < 0:
-            return False
-        bounce = self._bounce_view()
-        try:
             filled = 0
             for view in views:
                 pos = 0
@@ -558,7 +537,7 @@ class _DirectWriter:
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
-            self.close()
+            self.close()  # the filesystem refuses: the page cache does it from now on
             return False
 
     def _bounce_view(self) -> memoryview:
