@@ -24,7 +24,6 @@ import re
 import shutil
 import tempfile
 import time
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from vmferry.disk.base import CheckReport, DiskFormat, Extent, ParentInfo
 from vmferry.disk.blockfile import BlockFile
+from vmferry.disk.deflate import zlib
 from vmferry.errors import (
     CorruptImageError,
     NotThisFormatError,

@@ -9,16 +9,13 @@ of input into gigabytes of memory.  ``zstandard`` is imported only when a zstd i
 from __future__ import annotations
 
 import io
-import os
 import threading
-import zlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from vmferry.disk.deflate import zlib
+from vmferry.disk.parallel import map_all
 from vmferry.disk.qcow2.layout import COMPRESSION_ZLIB, COMPRESSION_ZSTD
 from vmferry.errors import CorruptImageError, UnsupportedFeatureError
-
-if TYPE_CHECKING:  # (imported when first needed: it pulls in logging, at every start)
-    from concurrent.futures import ThreadPoolExecutor
 
 #: qemu inflates with a 4 KiB window (-12), so what we write must not reference further back
 _DEFLATE_WBITS = -12
@@ -63,50 +60,26 @@ def decompress(kind: int, data: bytes, cluster_size: int, where: str) -> bytes:
     return out
 
 
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def parallel_workers() -> int:
-    return os.cpu_count() or 1
-
-
-def _pool() -> ThreadPoolExecutor:
-    """One process-wide pool for inflating clusters (zlib and zstd release the GIL)."""
-    global _POOL
-    from concurrent.futures import ThreadPoolExecutor
-
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(parallel_workers(), thread_name_prefix="qcow2-inflate")
-        return _POOL
-
-
 def decompress_many(
     kind: int, raws: list[bytes], cluster_size: int, wheres: list[str]
 ) -> list[bytes]:
-    """``decompress`` for many clusters at once, in parallel, results in order."""
-    from concurrent.futures import wait
-
+    """``decompress`` for many clusters at once, on every core, results in order."""
     if kind == COMPRESSION_ZSTD:
         load_zstd()  # the missing-module error once, before threads
-    pool = _pool()
-    futures = [
-        pool.submit(decompress, kind, raw, cluster_size, where)
-        for raw, where in zip(raws, wheres, strict=True)
-    ]
-    wait(futures)  # all done before the first error propagates: no work left running behind
-    return [f.result() for f in futures]
+    return map_all(
+        lambda job: decompress(kind, job[0], cluster_size, job[1]),
+        zip(raws, wheres, strict=True),
+    )
 
 
 class Compressor:
-    """Compresses whole clusters for compressed output, on every core for batches."""
+    """Compresses whole clusters for compressed output, on every core for batches (the shared
+    pool of :mod:`vmferry.disk.parallel`)."""
 
     def __init__(self, kind: int) -> None:
         self.kind = kind
         self._zstd: Any = load_zstd() if kind == COMPRESSION_ZSTD else None
         self._local = threading.local()  # a zstd compressor must not be shared by threads
-        self._pool: ThreadPoolExecutor | None = None
 
     def compress(self, data: bytes | bytearray | memoryview) -> bytes:
         if self._zstd is not None:
@@ -118,16 +91,4 @@ class Compressor:
         return c.compress(data) + c.flush()
 
     def compress_many(self, bufs: list[bytearray]) -> list[bytes]:
-        workers = os.cpu_count() or 1
-        if workers == 1:
-            return [self.compress(b) for b in bufs]
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="qcow2-compress")
-        return list(self._pool.map(self.compress, bufs))
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        return map_all(self.compress, bufs)

@@ -22,13 +22,13 @@ from typing import Any, Self
 
 from vmferry.disk.base import Alloc, CheckReport, DiskFormat, Extent, ParentInfo, ParentRef
 from vmferry.disk.blockfile import BlockFile
+from vmferry.disk.parallel import parallel_workers
 from vmferry.disk.qcow2 import header as hdr
 from vmferry.disk.qcow2.codec import (
     Compressor,
     decompress,
     decompress_many,
     load_zstd,
-    parallel_workers,
 )
 from vmferry.disk.qcow2.header import Meta
 from vmferry.disk.qcow2.layout import (
@@ -1038,8 +1038,6 @@ class Qcow2(DiskFormat):
         finally:
             if self.data is not self.file:
                 self.data.close()
-            if self._compressor is not None:
-                self._compressor.close()
             self.file.close()
 
     # --- metadata changes ---------------------------------------------------------------------

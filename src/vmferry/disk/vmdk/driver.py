@@ -237,6 +237,13 @@ class Vmdk(DiskFormat):
             parts.append(ext.read(local, n))
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def read_into(self, offset: int, view: memoryview) -> None:
+        self._check_range(offset, len(view))
+        at = 0
+        for ext, local, n in self._pieces(offset, len(view)):
+            ext.read_into(local, view[at : at + n])
+            at += n
+
     def _pieces(self, offset: int, length: int) -> list[tuple[ExtentBase, int, int]]:
         out: list[tuple[ExtentBase, int, int]] = []
         end = offset + length

@@ -37,6 +37,10 @@ class ExtentBase:
     def read(self, offset: int, length: int) -> bytes:
         raise NotImplementedError
 
+    def read_into(self, offset: int, view: memoryview) -> None:
+        """``read`` into the caller's buffer; extents that can fill it without a copy do."""
+        view[:] = self.read(offset, len(view))
+
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         raise UnsupportedFeatureError(f"vmferry cannot write {self.kind} VMDK extents")
 

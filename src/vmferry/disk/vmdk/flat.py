@@ -38,6 +38,10 @@ class FlatExtent(ExtentBase):
         assert self.file is not None
         return self.file.pread(self.start + offset, length)
 
+    def read_into(self, offset: int, view: memoryview) -> None:
+        assert self.file is not None
+        self.file.pread_into(self.start + offset, view)
+
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         assert self.file is not None
         self.file.write(self.start + offset, data)

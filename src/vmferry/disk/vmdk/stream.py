@@ -18,14 +18,14 @@ offsets, then ``close()`` (or ``finish()`` to complete the file but keep it open
 
 from __future__ import annotations
 
-import os
-import zlib
 from array import array
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from vmferry.disk.base import Alloc
 from vmferry.disk.blockfile import BlockFile
+from vmferry.disk.deflate import zlib
+from vmferry.disk.parallel import map_all
 from vmferry.disk.vmdk.extent import SECTOR, Status
 from vmferry.disk.vmdk.sparse import (
     COMPRESS_DEFLATE,
@@ -50,8 +50,6 @@ from vmferry.disk.vmdk.sparse import (
 from vmferry.errors import UnsupportedFeatureError
 
 if TYPE_CHECKING:
-    from concurrent.futures import ThreadPoolExecutor
-
     from vmferry.disk.vmdk.driver import Vmdk
 
 #: deflate level: zlib's default, what VMware and qemu use
@@ -79,7 +77,6 @@ class StreamExtent(SparseExtent):
     """A compressed KDMV extent; writable only front to back."""
 
     kind = "SPARSE"
-    _pool: ThreadPoolExecutor | None = None
 
     def _after_open(self) -> None:
         self._pending: tuple[int, bytearray] | None = None
@@ -137,16 +134,33 @@ class StreamExtent(SparseExtent):
 
     def read(self, offset: int, length: int) -> bytes:
         data = super().read(offset, length)
-        pending = self._pending
-        if pending is None:
-            return data
-        start = pending[0] * self.grain
-        lo, hi = max(offset, start), min(offset + length, start + self.grain)
-        if lo >= hi:
+        if self._pending_overlap(offset, length) is None:
             return data
         out = bytearray(data)
-        out[lo - offset : hi - offset] = pending[1][lo - start : hi - start]
+        self._overlay_pending(offset, memoryview(out))
         return bytes(out)
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        super().read_into(offset, view)
+        self._overlay_pending(offset, view)
+
+    def _pending_overlap(self, offset: int, length: int) -> tuple[int, int] | None:
+        """The part of [offset, offset+length) held by the grain being filled, if any."""
+        pending = self._pending
+        if pending is None:
+            return None
+        start = pending[0] * self.grain
+        lo, hi = max(offset, start), min(offset + length, start + self.grain)
+        return (lo, hi) if lo < hi else None
+
+    def _overlay_pending(self, offset: int, view: memoryview) -> None:
+        overlap = self._pending_overlap(offset, len(view))
+        if overlap is None:
+            return
+        lo, hi = overlap
+        assert self._pending is not None
+        start = self._pending[0] * self.grain
+        view[lo - offset : hi - offset] = memoryview(self._pending[1])[lo - start : hi - start]
 
     def entry(self, gi: int) -> int:
         pending = self._pending
@@ -264,13 +278,7 @@ class StreamExtent(SparseExtent):
             self._set_entry(gi, sector)
 
     def _compress_all(self, datas: list[bytes | bytearray | memoryview]) -> list[bytes]:
-        if len(datas) < 4:
-            return [deflate_grain(d) for d in datas]
-        if StreamExtent._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            StreamExtent._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
-        return list(StreamExtent._pool.map(deflate_grain, datas))
+        return map_all(deflate_grain, datas)
 
     def _set_entry(self, gi: int, sector: int) -> None:
         gdi = gi // GTES_PER_GT
