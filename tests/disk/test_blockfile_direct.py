@@ -11,8 +11,6 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -94,9 +92,9 @@ def test_page_aligned_buffer_is_written_without_a_copy(
     buf = mmap.mmap(-1, DIRECT_MIN * 2)
     buf.write(os.urandom(len(buf)))
     bounced: list[int] = []
-    real = blockfile._DirectWriter._take
+    real = blockfile._DirectWriter._bounce_view
     monkeypatch.setattr(
-        blockfile._DirectWriter, "_take", lambda self: bounced.append(1) or real(self)
+        blockfile._DirectWriter, "_bounce_view", lambda self: bounced.append(1) or real(self)
     )
     view = memoryview(buf)
     bf.write(1 << 20, view)
@@ -260,119 +258,3 @@ def test_cached_writes_are_handed_over_in_bounded_pieces(
     assert bf.size == (1 << 20) + len(data)
     bf.close()
     assert _disk_bytes(tmp_path / "out.img", 1 << 20, len(data)) == data
-
-
-# --- writes behind ----------------------------------------------------------------------------
-
-
-def _slow_direct(
-    monkeypatch: pytest.MonkeyPatch, bf: BlockFile, delay: float, slow: bytes | None = None
-) -> list[str]:
-    """Writes on ``bf``'s direct descriptor take ``delay`` seconds longer (only those of bytes
-    from ``slow`` when given); returns the names of the threads that made them, in order."""
-    direct_fd = bf._direct.fd  # type: ignore[union-attr]
-    real_pwrite = os.pwrite
-    names: list[str] = []
-
-    def pwrite(fd: int, data: memoryview, offset: int) -> int:
-        if fd == direct_fd:
-            names.append(threading.current_thread().name)
-            if slow is None or bytes(data[:32]) in slow:
-                time.sleep(delay)
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", pwrite)
-    return names
-
-
-@pytest.fixture
-def small_bounce(monkeypatch: pytest.MonkeyPatch) -> int:
-    monkeypatch.setattr(blockfile, "_BOUNCE_SIZE", 64 << 10)
-    return 64 << 10
-
-
-def test_bounced_writes_go_behind_and_what_follows_waits_for_them(
-    direct_dir: Path, monkeypatch: pytest.MonkeyPatch, small_bounce: int
-) -> None:
-    bf = _fresh(direct_dir)
-    assert bf.write_direct()
-    names = _slow_direct(monkeypatch, bf, 0.05)
-    data = os.urandom(2 << 20)  # bytes: read-only, so bounced
-    bf.write(0, data[:DIRECT_MIN])  # the first one, in this thread
-    bf.write(DIRECT_MIN, data[DIRECT_MIN:])  # 28 requests: the last ones still go on behind
-    assert bf._direct is not None and bf._direct.busy()
-    end = len(data)
-    patch = b"\x77" * 100
-    bf.write(end - 1000, patch)  # buffered, into a range still being written behind: it wins
-    assert bf.pread(end - 70_000, 4096) == data[end - 70_000 : end - 65_904]  # a read waits
-    bf.close()
-    expected = bytearray(data)
-    expected[end - 1000 : end - 900] = patch
-    assert _disk_bytes(direct_dir / "out.img", 0, len(data)) == expected
-    first = DIRECT_MIN // small_bounce
-    assert names[:first] == [threading.current_thread().name] * first
-    assert set(names[first:]) == {"vmferry-write"} and len(names) == len(data) // small_bounce
-
-
-def test_a_direct_rewrite_waits_for_the_older_write_of_its_range(
-    direct_dir: Path, monkeypatch: pytest.MonkeyPatch, small_bounce: int
-) -> None:
-    bf = _fresh(direct_dir)
-    assert bf.write_direct()
-    bf.write(0, os.urandom(DIRECT_MIN))  # proven: from now on writes go behind
-    old, new = os.urandom(DIRECT_MIN), os.urandom(DIRECT_MIN)
-    # the old bytes are slow to land, the new ones fast: without the wait, old would win
-    marks = b"".join(old[at : at + 32] for at in range(0, len(old), small_bounce))
-    _slow_direct(monkeypatch, bf, 0.1, slow=marks)
-    bf.write(4 << 20, old)
-    bf.write(4 << 20, new)
-    bf.sync_now()
-    bf.close()
-    assert _disk_bytes(direct_dir / "out.img", 4 << 20, len(new)) == new
-
-
-def test_an_error_behind_is_raised_by_the_next_sync(
-    direct_dir: Path, monkeypatch: pytest.MonkeyPatch, small_bounce: int
-) -> None:
-    bf = _fresh(direct_dir)
-    assert bf.write_direct()
-    bf.write(0, os.urandom(DIRECT_MIN))  # proven: from now on writes go behind
-    _fail_direct(monkeypatch, bf, errno.ENOSPC)
-    bf.write(1 << 20, os.urandom(1 << 20))  # returns: the failure happens behind
-    with pytest.raises(OSError) as info:
-        bf.sync_now()
-    assert info.value.errno == errno.ENOSPC
-    monkeypatch.undo()
-    bf.close()  # raised once, not again
-
-
-def test_an_error_behind_is_raised_by_close(
-    direct_dir: Path, monkeypatch: pytest.MonkeyPatch, small_bounce: int
-) -> None:
-    bf = _fresh(direct_dir)
-    assert bf.write_direct()
-    bf.write(0, os.urandom(DIRECT_MIN))
-    _fail_direct(monkeypatch, bf, errno.EIO)
-    bf.write(1 << 20, os.urandom(1 << 20))
-    with pytest.raises(OSError) as info:
-        bf.close()
-    assert info.value.errno == errno.EIO
-    assert bf.fd == -1, "the file is closed all the same"
-
-
-def test_a_refusal_behind_falls_back_to_the_page_cache(
-    direct_dir: Path, monkeypatch: pytest.MonkeyPatch, small_bounce: int
-) -> None:
-    bf = _fresh(direct_dir)
-    assert bf.write_direct()
-    head = os.urandom(DIRECT_MIN)
-    bf.write(0, head)
-    _fail_direct(monkeypatch, bf, errno.EINVAL)
-    data = os.urandom(1 << 20)
-    bf.write(1 << 20, data)
-    bf.settle()
-    assert not bf.writes_direct
-    monkeypatch.undo()
-    bf.close()
-    assert _disk_bytes(direct_dir / "out.img", 0, DIRECT_MIN) == head
-    assert _disk_bytes(direct_dir / "out.img", 1 << 20, 1 << 20) == data

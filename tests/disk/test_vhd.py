@@ -989,3 +989,18 @@ def test_a_crash_during_set_parent_keeps_one_valid_parent(tmp_path: Path, crash_
     assert hints[0] == ("sub/base.vhd" if header_written else "base.vhd")
     with vmferry.open(child) as disk:
         assert disk.read(0, 4) == b"base" and disk.read(512, 4) == b"kid!"
+
+
+def test_bitmap_range_set_agrees_with_a_bit_by_bit_reading() -> None:
+    from vmferry.disk.vhd import _bitmap_range_set, _set_bitmap_range
+
+    rnd = random.Random(7)
+    for _ in range(2000):
+        bm = bytearray(8)
+        for _ in range(rnd.randint(0, 3)):
+            a = rnd.randint(0, 64)
+            _set_bitmap_range(bm, a, rnd.randint(a, 64))
+        s0 = rnd.randint(0, 64)
+        s1 = rnd.randint(s0, 64)
+        expected = all(bm[s // 8] & (0x80 >> (s % 8)) for s in range(s0, s1))
+        assert _bitmap_range_set(bm, s0, s1) is expected, (bytes(bm).hex(), s0, s1)

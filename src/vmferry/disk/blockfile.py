@@ -15,10 +15,8 @@ import errno
 import fcntl
 import functools
 import os
-import queue
 import stat
 import struct
-import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,8 +55,6 @@ DIRECT_ALIGN = 4096
 DIRECT_MIN = 256 << 10
 #: the reusable aligned buffer that unaligned data is copied into for a direct write
 _BOUNCE_SIZE = 8 << 20
-#: direct writes of bounced data kept in flight behind the caller (see _DirectWriter)
-WRITE_BEHIND = 2
 #: the most one buffered write() hands the kernel at once.  Linux sizes a new page-cache folio
 #: from the write's length and alignment, and a large folio needs a large free block; in a VM
 #: whose balloon reports free memory to its host (free-page reporting, order 9 here) those
@@ -244,7 +240,6 @@ class BlockFile:
             view[got:] = bytes(len(view) - got)
 
     def _preadv(self, offset: int, view: memoryview) -> int:
-        self._settle(offset, offset + len(view))
         got = 0
         while got < len(view):
             n = os.preadv(self.fd, [view[got:]], offset + got)
@@ -254,7 +249,6 @@ class BlockFile:
         return got
 
     def _pread(self, offset: int, length: int) -> bytes:
-        self._settle(offset, offset + length)
         data = os.pread(self.fd, length, offset)
         if len(data) == length or not data:
             return data
@@ -270,7 +264,6 @@ class BlockFile:
 
     def data_runs(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
         """Yield (offset, length, is_data) over [offset, offset+length) using SEEK_DATA/HOLE."""
-        self._settle(offset, offset + length)
         return self._data_runs(offset, min(offset + length, self.size))
 
     def _data_runs(self, offset: int, end: int) -> Iterator[tuple[int, int, bool]]:
@@ -297,7 +290,6 @@ class BlockFile:
 
     @property
     def allocated_bytes(self) -> int:
-        self._settle()
         return os.fstat(self.fd).st_blocks * 512
 
     # --- writing ------------------------------------------------------------------------------
@@ -344,11 +336,6 @@ class BlockFile:
         self.size = max(self.size, offset + total)
 
     def _pwrite_all(self, fd: int, view: memoryview, offset: int) -> None:
-        if fd == self.fd:
-            self._settle(offset, offset + len(view))
-        self._pwrite_fd(fd, view, offset)
-
-    def _pwrite_fd(self, fd: int, view: memoryview, offset: int) -> None:
         most = CACHED_WRITE_MAX if fd == self.fd else len(view)
         while view:
             written = os.pwrite(fd, view[:most] if len(view) > most else view, offset)
@@ -360,21 +347,7 @@ class BlockFile:
     @property
     def writes_direct(self) -> bool:
         """Large writes go past the page cache (``write_direct`` was asked for and works)."""
-        return self._direct is not None and self._direct.usable
-
-    def _settle(self, start: int | None = None, end: int | None = None) -> None:
-        """Wait for the direct writes behind that touch [start, end) (all without a range):
-        whatever comes next must find them on the disk."""
-        direct = self._direct
-        if direct is not None and direct.busy():
-            direct.drain(start, end)
-
-    def settle(self) -> None:
-        """All direct writes behind done, and the error of one raised here (before the file is
-        handed to something that bypasses this object, such as copy_file_range)."""
-        if self._direct is not None:
-            self._direct.drain()
-            self._direct.raise_error()
+        return self._direct is not None and self._direct.fd >= 0
 
     def write_direct(self) -> bool:
         """Send large writes past the page cache (O_DIRECT) from now on; False if impossible.
@@ -396,7 +369,6 @@ class BlockFile:
             # ext4 treats a truncate to zero as "file being replaced" and flushes the whole file
             # when it is closed (auto_da_alloc): a fresh output would pay a synchronous flush
             return
-        self.settle()
         os.ftruncate(self.fd, size)
         self.size = size
 
@@ -405,11 +377,9 @@ class BlockFile:
         if length <= 0:
             return True
         mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
-        self._settle(offset, offset + length)
         return _libc()[0](self.fd, mode, offset, length) == 0
 
     def preallocate(self, offset: int, length: int) -> None:
-        self.settle()
         try:
             os.posix_fallocate(self.fd, offset, length)
         except OSError as exc:
@@ -419,7 +389,6 @@ class BlockFile:
     def fsync(self) -> None:
         """The ordering barrier drivers rely on (data before the pointer that publishes it)."""
         if self.writable and not self.cache_unsafe:
-            self.settle()
             os.fsync(self.fd)
 
     def start_writeback(self) -> None:
@@ -430,25 +399,20 @@ class BlockFile:
         """
         sync_file_range = _libc()[1]
         if self.writable and sync_file_range is not None and self.fd >= 0:
-            self._settle()
             sync_file_range(self.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
     def sync_now(self) -> None:
         """Make everything durable, whatever the cache mode (the last step of an output)."""
         if self.writable:
-            self.settle()
             os.fsync(self.fd)
 
     def close(self) -> None:
-        """Close the file; the error of a direct write still behind is raised after that."""
-        direct, self._direct = self._direct, None
-        try:
-            if direct is not None:
-                direct.close()
-        finally:
-            if self.fd >= 0:
-                os.close(self.fd)
-                self.fd = -1
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def slice(self, offset: int, length: int, name: str | None = None) -> SliceFile:
         """A read-only view of ``length`` bytes at ``offset`` (a member inside an archive).
@@ -520,37 +484,18 @@ class SliceFile(BlockFile):
 
 
 class _DirectWriter:
-    """A second descriptor on the same open file, with O_DIRECT, and aligned bounce buffers that
-    are written behind the caller.
+    """A second descriptor on the same open file, with O_DIRECT, and an aligned bounce buffer.
 
     Reopened through ``/proc/self/fd`` so it is the very inode the caller holds (locks and all),
     even if the name has changed since.  Any refusal by the filesystem (EINVAL: no O_DIRECT,
     or an alignment it does not accept) turns direct writes off for good and the write is
     done through the page cache instead: never an error for the caller.
-
-    Write-behind: data copied into a bounce buffer is written by ``WRITE_BEHIND`` helper
-    threads while the caller goes on, so the device sees that many requests at once (this
-    project's disk: 8 MiB requests at queue depth 1 677 MB/s, 2 804 MB/s, 4 876 MB/s) and the
-    copying overlaps the writing.  The owner drains the writes a buffered write or a read
-    overlaps before it runs, and all of them before fsync, truncate or close; an error of a
-    write behind is raised by the next operation on the file.  The first write, and a caller's
-    page-aligned buffer written as it is (which the caller reuses as soon as this returns),
-    are written in the caller's thread.
     """
 
     def __init__(self, owner: BlockFile, fd: int) -> None:
         self.owner = owner
         self.fd = fd
-        self._buffers: list[Any] = []  # mmaps, page-aligned, made on first need
-        self._free: list[Any] = []
-        self._cond = threading.Condition()
-        self._inflight: dict[int, tuple[int, int]] = {}  # job -> file range being written
-        self._next_job = 0
-        self._jobs: queue.SimpleQueue[tuple[int, Any, int, int] | None] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._error: BaseException | None = None
-        self._proven = False  # one direct write has succeeded: EINVAL is not expected after
-        self._refused = False  # a write behind met EINVAL: no more direct writes
+        self._bounce: Any = None  # mmap, page-aligned, made on first need
 
     @classmethod
     def open(cls, owner: BlockFile) -> _DirectWriter | None:
@@ -563,43 +508,31 @@ class _DirectWriter:
             return None
         return cls(owner, fd)
 
-    @property
-    def usable(self) -> bool:
-        return self.fd >= 0 and not self._refused
-
     def write(self, offset: int, views: list[memoryview]) -> bool:
         """Write ``views`` back to back (page-aligned offset and total) directly; False: not
         done at all.  One page-aligned buffer goes as it is; anything else is gathered into
-        bounce buffers and written in requests of their size."""
-        if not self.usable:
+        the bounce buffer and written in requests of its size."""
+        if self.fd < 0:
             return False
-        self.raise_error()
-        total = sum(len(v) for v in views)
-        self.drain(offset, offset + total)  # a rewrite must not race an older write
         try:
             if len(views) == 1 and _aligned(views[0]):
-                self.owner._pwrite_fd(self.fd, views[0], offset)
-                self._proven = True
+                self.owner._pwrite_all(self.fd, views[0], offset)
                 return True
-            if not self._proven:
-                return self._write_first(offset, views)
-            bounce = self._take()
+            bounce = self._bounce_view()
             filled = 0
             for view in views:
                 pos = 0
                 while pos < len(view):
                     n = min(len(bounce) - filled, len(view) - pos)
-                    memoryview(bounce)[filled : filled + n] = view[pos : pos + n]
+                    bounce[filled : filled + n] = view[pos : pos + n]
                     filled += n
                     pos += n
                     if filled == len(bounce):
-                        self._submit(bounce, filled, offset)
+                        self.owner._pwrite_all(self.fd, bounce, offset)
                         offset += filled
-                        bounce, filled = self._take(), 0
+                        filled = 0
             if filled:
-                self._submit(bounce, filled, offset)
-            else:
-                self._give_back(bounce)
+                self.owner._pwrite_all(self.fd, bounce[:filled], offset)
             return True
         except OSError as exc:
             if exc.errno != errno.EINVAL:
@@ -607,122 +540,18 @@ class _DirectWriter:
             self.close()  # the filesystem refuses: the page cache does it from now on
             return False
 
-    def _write_first(self, offset: int, views: list[memoryview]) -> bool:
-        """The first bounced write, in this thread: an EINVAL (no O_DIRECT here) is seen at
-        once and the caller writes through the page cache instead."""
-        bounce = self._take()
-        try:
-            view = memoryview(bounce)
-            filled = 0
-            for piece in views:
-                pos = 0
-                while pos < len(piece):
-                    n = min(len(view) - filled, len(piece) - pos)
-                    view[filled : filled + n] = piece[pos : pos + n]
-                    filled, pos = filled + n, pos + n
-                    if filled == len(view):
-                        self.owner._pwrite_fd(self.fd, view, offset)
-                        self._proven = True
-                        offset, filled = offset + len(view), 0
-            if filled:
-                self.owner._pwrite_fd(self.fd, view[:filled], offset)
-            self._proven = True
-            return True
-        finally:
-            self._give_back(bounce)
+    def _bounce_view(self) -> memoryview:
+        if self._bounce is None:
+            import mmap
 
-    # --- the writes behind --------------------------------------------------------------------
-
-    def _take(self) -> Any:
-        """A free bounce buffer, waiting for a write behind to finish when all are busy."""
-        with self._cond:
-            while not self._free:
-                if len(self._buffers) < WRITE_BEHIND + 1:
-                    import mmap
-
-                    buf = mmap.mmap(-1, _BOUNCE_SIZE)
-                    self._buffers.append(buf)
-                    return buf
-                self._cond.wait()
-            return self._free.pop()
-
-    def _give_back(self, buf: Any) -> None:
-        with self._cond:
-            self._free.append(buf)
-            self._cond.notify_all()
-
-    def _submit(self, buf: Any, n: int, offset: int) -> None:
-        with self._cond:
-            job = self._next_job
-            self._next_job += 1
-            self._inflight[job] = (offset, offset + n)
-            if len(self._threads) < WRITE_BEHIND:
-                thread = threading.Thread(target=self._work, name="vmferry-write", daemon=True)
-                self._threads.append(thread)
-                thread.start()
-        self._jobs.put((job, buf, n, offset))
-
-    def _work(self) -> None:
-        while True:
-            item = self._jobs.get()
-            if item is None:
-                return
-            job, buf, n, offset = item
-            try:
-                view = memoryview(buf)[:n]
-                try:
-                    self.owner._pwrite_fd(self.fd, view, offset)
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:
-                        raise
-                    self._refused = True  # not expected after a first success; still no loss:
-                    self.owner._pwrite_fd(self.owner.fd, view, offset)  # the page cache
-                finally:
-                    view.release()
-            except BaseException as exc:
-                with self._cond:
-                    self._error = self._error or exc
-            finally:
-                with self._cond:
-                    del self._inflight[job]
-                    self._free.append(buf)
-                    self._cond.notify_all()
-
-    def busy(self) -> bool:
-        return bool(self._inflight)
-
-    def drain(self, start: int | None = None, end: int | None = None) -> None:
-        """Wait for the writes behind that touch [start, end) (all of them without a range),
-        rounded out to pages: the page cache and the device meet in whole pages."""
-        with self._cond:
-            if start is None or end is None:
-                while self._inflight:
-                    self._cond.wait()
-                return
-            lo = start - start % DIRECT_ALIGN
-            hi = end + -end % DIRECT_ALIGN
-            while any(a < hi and lo < b for a, b in self._inflight.values()):
-                self._cond.wait()
-
-    def raise_error(self) -> None:
-        """Raise (once) the error a write behind met."""
-        with self._cond:
-            exc, self._error = self._error, None
-        if exc is not None:
-            raise exc
+            self._bounce = mmap.mmap(-1, _BOUNCE_SIZE)
+        return memoryview(self._bounce)
 
     def close(self) -> None:
-        self.drain()
-        for _ in self._threads:
-            self._jobs.put(None)
-        for thread in self._threads:
-            thread.join()
-        self._threads = []
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        self._buffers, self._free = [], []  # unmapped with their last views
-        self.raise_error()
+        self._bounce = None  # unmapped with its last view (one may still be on the stack)
 
 
 def _bytes_view(data: bytes | bytearray | memoryview) -> memoryview:

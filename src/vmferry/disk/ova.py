@@ -886,8 +886,6 @@ def _sha256_file(f: BlockFile) -> str:
 
 def _copy_into(src: BlockFile, dst: BlockFile, at: int, length: int) -> None:
     """Copy with copy_file_range when the kernel can (no round trip through Python)."""
-    src.settle()
-    dst.settle()
     pos = 0
     while pos < length:
         n = min(64 << 20, length - pos)

@@ -275,6 +275,7 @@ class Vhd(DiskFormat):
         self.file = f
         self.writable = writable
         self.footer = VhdFooter()
+        self._footer_bytes: tuple[VhdFooter, bytes] | None = None
         self.footer_at = 0  # where the authoritative footer was read
         self.tail_footer_at: int | None = None  # the copy at the end of the file, if valid
         self.disk_type = FIXED
@@ -822,10 +823,10 @@ class Vhd(DiskFormat):
         write; a crash before the flush loses those writes whole (the sectors read as before),
         never exposes garbage.
         """
-        bits = self._bits_of(index)
-        if "0" not in bits[s0:s1]:
+        bm = self._raw_bitmap(index)
+        if _bitmap_range_set(bm, s0, s1):
             return
-        _set_bitmap_range(self._raw_bitmap(index), s0, s1)
+        _set_bitmap_range(bm, s0, s1)
         self._bits.pop(index, None)
         self._dirty.add(index)
         if len(self._dirty) >= _DIRTY_LIMIT:
@@ -881,7 +882,7 @@ class Vhd(DiskFormat):
         for run_at, pieces in _back_to_back(placed):
             self.file.write_pieces(run_at, pieces)
         footer_at = at + stride * len(blocks)
-        self.file.write(footer_at, pack_footer(self.footer))
+        self.file.write(footer_at, self._packed_footer())
         self.file.fsync()
         first = blocks[0].index
         entries = [(at + n * stride) // SECTOR for n in range(len(blocks))]
@@ -896,6 +897,14 @@ class Vhd(DiskFormat):
         self.tail_footer_at = footer_at
         self._append_at = footer_at
         self._used_end = footer_at
+
+    def _packed_footer(self) -> bytes:
+        """``pack_footer(self.footer)``, packed once per footer: every append writes it, and
+        packing (a checksum over a dataclass) cost 0.14 s per 1,024 blocks."""
+        cached = self._footer_bytes
+        if cached is None or cached[0] is not self.footer:
+            cached = self._footer_bytes = (self.footer, pack_footer(self.footer))
+        return cached[1]
 
     def _full_bitmap(self) -> bytearray:
         """The sector bitmap of a block written whole (a fresh copy: bitmaps are mutable)."""
@@ -1199,6 +1208,20 @@ def _sized_by_chs(ft: VhdFooter) -> bool:
     """qemu's rule: Virtual PC and old qemu size by geometry, unless it is the maximum one."""
     chs = ft.cylinders * ft.heads * ft.sectors_per_track
     return ft.creator_app in CHS_CREATORS and chs != MAX_GEOMETRY_SECTORS
+
+
+def _bitmap_range_set(bm: bytes | bytearray, s0: int, s1: int) -> bool:
+    """Whether bits [s0, s1) of an MSB-first sector bitmap are all set (whole bytes compared
+    at C speed: a copy's second half of every block asks this)."""
+    s = s0
+    while s < s1 and s % 8:
+        if not bm[s // 8] & (0x80 >> (s % 8)):
+            return False
+        s += 1
+    full_end = max(s, s1 // 8 * 8)
+    if bm[s // 8 : full_end // 8].count(0xFF) != (full_end - s) // 8:
+        return False
+    return all(bm[t // 8] & (0x80 >> (t % 8)) for t in range(full_end, s1))
 
 
 def _set_bitmap_range(bm: bytearray, s0: int, s1: int) -> None:
