@@ -298,7 +298,7 @@ class BlockFile:
         """Write all of ``data``; a short write is retried, never silently accepted."""
         view = _bytes_view(data)
         if self._direct is not None and len(view) >= DIRECT_MIN:
-            self._write_back_to_back(offset, (view,))
+            self.write_pieces(offset, (view,))
             return
         self._pwrite_all(self.fd, view, offset)
         self.size = max(self.size, offset + len(view))
@@ -313,11 +313,6 @@ class BlockFile:
         the edges stay buffered (Linux keeps the two coherent: a direct write flushes and
         drops cached pages).
         """
-        self._write_back_to_back(offset, pieces)
-
-    def _write_back_to_back(
-        self, offset: int, pieces: Sequence[bytes | bytearray | memoryview]
-    ) -> None:
         views = [_bytes_view(p) for p in pieces]
         total = sum(len(v) for v in views)
         direct = self._direct

@@ -899,8 +899,9 @@ class Vhd(DiskFormat):
         self._used_end = footer_at
 
     def _packed_footer(self) -> bytes:
-        """``pack_footer(self.footer)``, packed once per footer: every append writes it, and
-        packing (a checksum over a dataclass) cost 0.14 s per 1,024 blocks."""
+        """``pack_footer(self.footer)``, packed once per footer: every append (and every BAT
+        growth) writes it, and packing (a checksum over a dataclass) cost 0.14 s per 1,024
+        blocks."""
         cached = self._footer_bytes
         if cached is None or cached[0] is not self.footer:
             cached = self._footer_bytes = (self.footer, pack_footer(self.footer))
@@ -1042,7 +1043,7 @@ class Vhd(DiskFormat):
         for blob_at, blob in blobs:
             self.file.write(blob_at, blob)
             end = blob_at + len(blob)
-        self.file.write(end, pack_footer(self.footer))
+        self.file.write(end, self._packed_footer())
         self.file.fsync()
         self.file.write(self.footer.data_offset, pack_header(header))
         self.file.fsync()
@@ -1108,7 +1109,7 @@ class Vhd(DiskFormat):
             table.byteswap()
         self.file.write(at, table.tobytes())
         footer_at = at + table_bytes
-        self.file.write(footer_at, pack_footer(self.footer))
+        self.file.write(footer_at, self._packed_footer())
         self.file.fsync()
         assert self.header is not None
         header = self.header.replace(table_offset=at, max_table_entries=entries)

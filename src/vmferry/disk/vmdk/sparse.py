@@ -425,10 +425,10 @@ class SparseExtent(ExtentBase):
             pos = sector * SECTOR
             if not (lo <= pos and pos + 12 <= hi):
                 lo, hi = pos, self._load(window, pos, size)
-            data, end = self._payload(gi, pos, window, lo, hi)
+            data, end = self._payload(gi, pos, window, lo, hi, size)
             if end > hi and hi < size:  # the record runs past the window: move it here
                 lo, hi = pos, self._load(window, pos, size)
-                data, end = self._payload(gi, pos, window, lo, hi)
+                data, end = self._payload(gi, pos, window, lo, hi, size)
             if end > hi:
                 raise TruncatedImageError(
                     f"grain {gi} extends past the end of the file", path=self.path, offset=pos
@@ -448,26 +448,30 @@ class SparseExtent(ExtentBase):
 
     def _max_record(self) -> int:
         """Bytes a grain's record can take: marker and deflate data of a stored grain."""
-        return 12 + 2 * self.grain + 4096 if self.markers else 2 * self.grain
+        return 12 + self._max_compressed() if self.markers else 2 * self.grain
+
+    def _max_compressed(self) -> int:
+        """The most compressed bytes a grain marker may claim (a stored grain and slack)."""
+        return 2 * self.grain + 4096
 
     def _payload(
-        self, gi: int, pos: int, window: memoryview, lo: int, hi: int
+        self, gi: int, pos: int, window: memoryview, lo: int, hi: int, size: int
     ) -> tuple[memoryview, int]:
         """Grain ``gi``'s compressed bytes (marker checked and left out) at file offset
-        ``pos``, from the window holding [lo, hi), and the file offset where they end (past
-        ``hi`` when the window does not hold them all)."""
+        ``pos``, from the window holding [lo, hi) of a file of ``size`` bytes, and the file
+        offset where they end (past ``hi`` when the window does not hold them all)."""
         rel = pos - lo
         if not self.markers:
-            end = min(pos + 2 * self.grain, self.file.size if self.file else pos)
+            end = min(pos + 2 * self.grain, size)
             return window[rel : rel + end - pos], end
         if pos + 12 > hi:
             raise TruncatedImageError(
                 f"grain {gi} marker extends past the end of the file", path=self.path, offset=pos
             )
-        lba, size = _grain_marker(window[rel : rel + 12])
-        if size == 0 or size > 2 * self.grain + 4096:
+        lba, claimed = _grain_marker(window[rel : rel + 12])
+        if claimed == 0 or claimed > self._max_compressed():
             raise CorruptImageError(
-                f"grain {gi} marker claims {size} compressed bytes", path=self.path, offset=pos
+                f"grain {gi} marker claims {claimed} compressed bytes", path=self.path, offset=pos
             )
         if lba != gi * self.grain_sectors:
             raise CorruptImageError(
@@ -475,7 +479,7 @@ class SparseExtent(ExtentBase):
                 path=self.path,
                 offset=pos,
             )
-        return window[rel + 12 : rel + 12 + size], pos + 12 + size
+        return window[rel + 12 : rel + 12 + claimed], pos + 12 + claimed
 
     # --- writing -------------------------------------------------------------------------------
 
