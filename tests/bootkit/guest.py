@@ -274,6 +274,20 @@ def _run(*args: str | os.PathLike[str], chroot: Path | None = None, **kw: object
     return proc.stdout
 
 
+#: what one build may need at once: the rootfs tarball and its unpacked tree, the image, the debs
+BUILD_FREE_BYTES = 4 << 30
+
+
+def _require_free_space(cdir: Path, name: str) -> None:
+    """Refuse to start a build that would fill the disk halfway and fail somewhere obscure."""
+    free = shutil.disk_usage(cdir).free
+    if free < BUILD_FREE_BYTES:
+        raise RuntimeError(
+            f"cannot build guest image {name}: {free / 2**30:.1f} GiB free in {cdir}, "
+            f"a build needs {BUILD_FREE_BYTES / 2**30:.0f} GiB"
+        )
+
+
 def build_image(recipe: GuestRecipe) -> BuiltGuest:
     """Return the cached image for ``recipe``, building it first if needed (under a lock)."""
     cdir = cache_dir()
@@ -285,6 +299,7 @@ def build_image(recipe: GuestRecipe) -> BuiltGuest:
             missing = missing_build_tools()
             if missing:
                 raise RuntimeError("cannot build guest images: missing " + ", ".join(missing))
+            _require_free_space(cdir, recipe.name)
             started = time.monotonic()
             tmp = image.with_name(f".{image.name}.{os.getpid()}.tmp")
             try:
