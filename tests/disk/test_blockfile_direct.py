@@ -55,7 +55,7 @@ def _fail_direct(monkeypatch: pytest.MonkeyPatch, bf: BlockFile, err: int) -> li
     """Make every write on ``bf``'s direct descriptor fail with ``err``; returns the offsets
     tried there (the cached descriptor keeps working)."""
     direct_fd = bf._direct.fd  # type: ignore[union-attr]
-    real_pwrite = os.pwrite
+    real_pwrite, real_pwritev = os.pwrite, os.pwritev
     tried: list[int] = []
 
     def pwrite(fd: int, data: object, offset: int) -> int:
@@ -64,7 +64,14 @@ def _fail_direct(monkeypatch: pytest.MonkeyPatch, bf: BlockFile, err: int) -> li
             raise OSError(err, os.strerror(err))
         return real_pwrite(fd, data, offset)  # type: ignore[arg-type]
 
+    def pwritev(fd: int, buffers: list, offset: int) -> int:
+        if fd == direct_fd:
+            tried.append(offset)
+            raise OSError(err, os.strerror(err))
+        return real_pwritev(fd, buffers, offset)
+
     monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "pwritev", pwritev)
     return tried
 
 
@@ -201,27 +208,131 @@ def test_pieces_are_written_back_to_back(direct_dir: Path, direct: bool) -> None
     assert _disk_bytes(path, offset + total, 4096) == bytes(4096)
 
 
+def _record_writes(
+    monkeypatch: pytest.MonkeyPatch, bf: BlockFile
+) -> dict[str, list[list[memoryview]]]:
+    """Every write syscall on ``bf`` as its list of buffers, by descriptor (direct, cached)."""
+    direct_fd = bf._direct.fd  # type: ignore[union-attr]
+    real_pwrite, real_pwritev = os.pwrite, os.pwritev
+    calls: dict[str, list[list[memoryview]]] = {"direct": [], "cached": []}
+
+    def pwrite(fd: int, data: memoryview, offset: int) -> int:
+        calls["direct" if fd == direct_fd else "cached"].append([memoryview(data)])
+        return real_pwrite(fd, data, offset)
+
+    def pwritev(fd: int, buffers: list, offset: int) -> int:
+        calls["direct" if fd == direct_fd else "cached"].append(list(buffers))
+        return real_pwritev(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    return calls
+
+
 def test_pieces_go_direct_in_bounce_sized_requests(
     direct_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bf = _fresh(direct_dir, 32 << 20)
     assert bf.write_direct()
-    direct_fd = bf._direct.fd  # type: ignore[union-attr]
-    real_pwrite = os.pwrite
-    sizes: dict[str, list[int]] = {"direct": [], "cached": []}
-
-    def pwrite(fd: int, data: memoryview, offset: int) -> int:
-        sizes["direct" if fd == direct_fd else "cached"].append(len(data))
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", pwrite)
+    calls = _record_writes(monkeypatch, bf)
     pieces = _pieces([512, 2 << 20] * 4)  # 8 MiB + 2 KiB from a page boundary
     bf.write_pieces(0, pieces)
-    monkeypatch.setattr(os, "pwrite", real_pwrite)
-    assert sizes["direct"] == [blockfile._BOUNCE_SIZE]
-    assert sizes["cached"] == [2048]
+    monkeypatch.undo()
+    assert [sum(map(len, c)) for c in calls["direct"]] == [blockfile._BOUNCE_SIZE]
+    assert [sum(map(len, c)) for c in calls["cached"]] == [2048]
     bf.close()
     assert _disk_bytes(direct_dir / "out.img", 0, 4 * (512 + (2 << 20))) == b"".join(pieces)
+
+
+def _aligned_blocks(count: int, size: int) -> tuple[mmap.mmap, list[memoryview]]:
+    buf = mmap.mmap(-1, count * size)
+    buf[:] = os.urandom(count * size)
+    view = memoryview(buf)
+    return buf, [view[i * size : (i + 1) * size] for i in range(count)]
+
+
+def test_aligned_pieces_among_bounced_ones_are_not_copied(
+    direct_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page of (zeros +) bitmap from bytes, then 2 MiB of a page-aligned read buffer, four
+    times: one pwritev, the read buffer's slices in it as they are, the pages bounced."""
+    bf = _fresh(direct_dir, 32 << 20)
+    assert bf.write_direct()
+    buf, blocks = _aligned_blocks(4, 2 << 20)
+    pages = _pieces([4096] * 4)
+    pieces = [p for pair in zip(pages, blocks, strict=True) for p in pair]
+    calls = _record_writes(monkeypatch, bf)
+    bf.write_pieces(8192, pieces)
+    monkeypatch.undo()
+    assert calls["cached"] == []
+    [iov] = calls["direct"]
+    assert [len(v) for v in iov] == [4096, 2 << 20] * 4
+    assert all(v.obj is buf for v in iov[1::2])  # the caller's memory, no copy
+    assert all(v.obj is not buf for v in iov[0::2])
+    del iov, calls
+    bf.close()
+    expect = b"".join(bytes(p) for p in pieces)
+    assert _disk_bytes(direct_dir / "out.img", 8192, len(expect)) == expect
+
+
+def test_an_aligned_buffer_off_a_file_page_is_bounced(direct_dir: Path) -> None:
+    """After 512 bytes the file position is off a page: an aligned buffer cannot go as it is,
+    and the bytes still land right (the gathered pieces always restart on a page)."""
+    bf = _fresh(direct_dir, 32 << 20)
+    assert bf.write_direct()
+    _buf, blocks = _aligned_blocks(3, 1 << 20)
+    pieces = [b"x" * 512, blocks[0], b"y" * 3584, blocks[1], blocks[2], b"z" * 4096]
+    bf.write_pieces(4096, pieces)
+    bf.close()
+    expect = b"".join(bytes(p) for p in pieces)
+    assert _disk_bytes(direct_dir / "out.img", 4096, len(expect)) == expect
+
+
+def test_short_direct_writes_go_on_where_they_stopped(
+    direct_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pwritev may write less than asked (a page at a time here): the rest follows, in order,
+    including a partly written buffer."""
+    bf = _fresh(direct_dir, 32 << 20)
+    assert bf.write_direct()
+    direct_fd = bf._direct.fd  # type: ignore[union-attr]
+    real_pwritev = os.pwritev
+    calls: list[int] = []
+
+    def pwritev(fd: int, buffers: list, offset: int) -> int:
+        if fd != direct_fd:
+            return real_pwritev(fd, buffers, offset)
+        calls.append(offset)
+        first = memoryview(buffers[0])
+        return real_pwritev(fd, [first[: min(len(first), 3 * 4096)]], offset)
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    _buf, blocks = _aligned_blocks(2, 128 << 10)
+    pieces = [_pieces([4096])[0], blocks[0], _pieces([4096])[0], blocks[1]]
+    bf.write_pieces(0, pieces)
+    monkeypatch.undo()
+    total = sum(len(p) for p in pieces)
+    assert len(calls) == 2 * (1 + 11)  # each page, and each 128 KiB in 3-page steps
+    assert calls == sorted(calls) and calls[-1] < total
+    bf.close()
+    expect = b"".join(bytes(p) for p in pieces)
+    assert _disk_bytes(direct_dir / "out.img", 0, total) == expect
+
+
+def test_a_write_of_many_aligned_pieces_is_split_at_the_iovec_limit(
+    direct_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bf = _fresh(direct_dir, 32 << 20)
+    assert bf.write_direct()
+    count = blockfile._IOV_MAX + 10
+    buf, blocks = _aligned_blocks(count, 4096)
+    calls = _record_writes(monkeypatch, bf)
+    bf.write_pieces(0, [b"", *blocks])
+    monkeypatch.undo()
+    assert [len(c) for c in calls["direct"]] == [blockfile._IOV_MAX, 10]
+    del calls
+    bf.close()
+    assert _disk_bytes(direct_dir / "out.img", 0, count * 4096) == bytes(buf)
 
 
 def test_refused_pieces_fall_back_to_the_page_cache(

@@ -157,17 +157,25 @@ def test_long_writes_append_fresh_blocks_together_and_match_qemu(
             data = rng.randbytes(n)
             disk.write(off, data)
             model[off : off + n] = data
-    bm = sec = 512  # one sector of bitmap covers 4096 sectors: both block sizes here
+    sec = 512
+    # each block's data starts on a page: its bitmap (one sector: it covers 4096 sectors, both
+    # block sizes here) is the last sector of the page before, the rest of that page zeros
+    page = 4096
+    first = 2048  # the first block: from the end of the BAT (2048) to the page at 4096
     assert gathered == [
-        [bm, block_size, bm, block_size],  # blocks 3, 4
-        [bm],  # block 1 starts 1000 bytes in: its data is not next to its bitmap
-        [block_size - sec, bm, block_size],  # ... from its 2nd sector on, then block 2
-        [bm],  # block 6, only its last sector
-        [sec] + [bm, block_size] * 4 + [bm, sec],  # that sector, blocks 7-10, block 11's first
-        [bm, block_size],  # block 0
-        [bm, block_size],  # block 5
-        [bm, 3 * sec],  # block 12: the disk's last 3 sectors
+        [first, block_size, page, block_size],  # blocks 3, 4
+        [page],  # block 1 starts 1000 bytes in: its data is not next to its bitmap
+        [block_size - sec, page, block_size],  # ... from its 2nd sector on, then block 2
+        [page],  # block 6, only its last sector
+        [sec] + [page, block_size] * 4 + [page, sec],  # that sector, blocks 7-10, block 11's
+        [page, block_size],  # block 0
+        [page, block_size],  # block 5
+        [page, 3 * sec],  # block 12: the disk's last 3 sectors
     ]
+    with vmferry.open(img) as disk:
+        entries = [e for e in disk.top.bat if e != 0xFFFFFFFF]
+    assert len(entries) == 13
+    assert {(e * sec + sec) % page for e in entries} == {0}
     ref = tmp_path / "ref.raw"
     ref.write_bytes(model)
     out = qemu_img("compare", "-f", "vpc", "-F", "raw", img, ref, check=False)
@@ -1004,3 +1012,38 @@ def test_bitmap_range_set_agrees_with_a_bit_by_bit_reading() -> None:
         s1 = rnd.randint(s0, 64)
         expected = all(bm[s // 8] & (0x80 >> (s % 8)) for s in range(s0, s1))
         assert _bitmap_range_set(bm, s0, s1) is expected, (bytes(bm).hex(), s0, s1)
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["synced", "no-sync"])
+@pytest.mark.parametrize("block_size", ["512K", "2M", "32M"])
+def test_converted_vhd_has_page_aligned_data_and_the_measured_size(
+    tmp_path: Path, block_size: str, sync: bool
+) -> None:
+    """convert (direct writes when synced; one tail footer at the end either way) lays each
+    block's data on a page, and the file is exactly as large as measure said; qemu reads it
+    as the source, and the footer copies agree."""
+    from vmferry.ops.convert import convert
+    from vmferry.ops.measure import measure
+
+    size = 100 * MiB + 3 * 512
+    src = tmp_path / "src.raw"
+    rng = random.Random(3)
+    with open(src, "wb") as f:
+        f.truncate(size)
+        for at in (0, 5 * MiB + 512, 40 * MiB, size - 1000):  # partial blocks, the last one
+            f.seek(at)
+            f.write(rng.randbytes(min(3 * MiB, size - at)))
+    dst = tmp_path / "dst.vhd"
+    opts = {"block_size": block_size}
+    predicted = measure(src, "vhd", options=opts)
+    convert(src, dst, options=opts, sync=sync)
+    assert dst.stat().st_size == predicted["required"]
+    out = qemu_img("compare", "-f", "vpc", "-F", "raw", dst, src, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    with vmferry.open(dst) as disk:
+        layer = disk.top
+        assert layer.check().clean
+        entries = [e for e in layer.bat if e != 0xFFFFFFFF]
+        assert entries and {(e * 512 + layer.bitmap_size) % 4096 for e in entries} == {0}
+    raw = dst.read_bytes()
+    assert raw[:512] == raw[-512:] and raw[:8] == b"conectix"

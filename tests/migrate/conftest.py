@@ -20,6 +20,8 @@ from tests.guest.conftest import KVER, build_guest_disk, vmware_root
 from vmferry.vm.targets import CONTROLLERS
 
 MIB = 1 << 20
+#: how many tests of this run read each target's end-to-end outputs (test_e2e_migrate.py)
+E2E_READERS = pytest.StashKey[dict[str, int]]()
 ALL_DRIVERS = tuple(sorted({m for c in CONTROLLERS.values() for m in c.linux_drivers}))
 
 
@@ -141,3 +143,34 @@ def fixed_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     """Reproducible guest repairs: the time written into the guest comes from
     SOURCE_DATE_EPOCH (vmferry.guest.fs.clock); generation numbers are derived, not random."""
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """test_e2e_migrate: run each target's tests one after the other, and count them.
+
+    Every migrated disk is ~650 MB; made all at once at the start (the tests' own order) and
+    kept to the end they took ~20 GB.  Grouped by target, a target's outputs are deleted as
+    soon as the last of its tests has ended (``E2E_READERS``; the module's autouse fixture), so
+    about two targets' outputs exist at a time.  Tests without a target keep their order, first.
+    """
+    slots = [i for i, item in enumerate(items) if item.module.__name__.endswith("test_e2e_migrate")]
+    if not slots:
+        return
+    e2e = [items[i] for i in slots]
+    targets: dict[str, int] = {}
+    for item in e2e:
+        target = _target_of(item)
+        if target is not None:
+            targets[target] = targets.get(target, 0) + 1
+    config.stash[E2E_READERS] = targets
+    order = list(targets)
+    grouped = sorted(
+        e2e, key=lambda it: -1 if (t := _target_of(it)) is None else order.index(t)
+    )  # stable: a group keeps the tests' own order
+    for slot, item in zip(slots, grouped, strict=True):
+        items[slot] = item
+
+
+def _target_of(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    return None if callspec is None else callspec.params.get("target")

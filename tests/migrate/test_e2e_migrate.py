@@ -27,8 +27,10 @@ Budget (~10 minutes on the 2-core test machine) decides the shape:
 
 Cost on the 2-core machine: ~6 minutes with ``-n 2`` when it is otherwise idle (packaging
 ~10 s once the OVA's disk is cached, ~32 migrations of 8-15 s, two OVA outputs of ~40-90 s,
-seven boots of ~45 s), 13-15 minutes while other sessions load it; ~20 GB of disk at the peak
-(sources ~3 GB, every output ~650 MB), deleted when the session ends.
+seven boots of ~45 s), 13-15 minutes while other sessions load it.  Disk: sources ~3 GB, every
+output ~650 MB; a target's tests run together (tests/migrate/conftest.py) and its outputs are
+deleted when the last of them ends (``_release_outputs``).  Kept to the end of the run, the
+outputs took ~20 GB, and filled a CI machine's disk together with the other tests' files.
 
 Controllers qemu cannot present to the guest the way the target does are not booted, with the
 reason: VMware's LSI Logic parallel/SAS (qemu's lsi53c895a is another chip; its mptsas1068
@@ -162,7 +164,7 @@ def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         me.unlink(missing_ok=True)
         if not any(users.iterdir()):
             (path / "sources.json").unlink(missing_ok=True)
-            for big in ("sources", "out"):
+            for big in ("sources", "out", "ended"):
                 shutil.rmtree(path / big, ignore_errors=True)
 
 
@@ -234,15 +236,22 @@ class Migrated:
         return QEMU_FORMAT[self.disk["output"]["format"].split("-")[0]]
 
 
+def _key(kind: str, target: str, fmt: str | None) -> str:
+    return f"{kind}-{target}-{fmt or 'default'}"
+
+
 def _migrate(shared: Path, vms: dict[str, PackagedVm], kind: str, target: str,
              fmt: str | None) -> Migrated:  # fmt: skip
     from vmferry.errors import VmferryError
     from vmferry.migrate import migrate
 
-    key = f"{kind}-{target}-{fmt or 'default'}"
+    key = _key(kind, target, fmt)
     out = shared / "out" / key
     done = shared / "out" / f"{key}.json"
     with locked(shared / f"{key}.lock"):
+        released = done.exists() and not out.exists()  # a test outside the count needs it
+        if released and json.loads(done.read_text())["status"] == "completed":
+            done.unlink()
         if not done.exists():
             if out.exists():
                 shutil.rmtree(out)
@@ -258,6 +267,31 @@ def _migrate(shared: Path, vms: dict[str, PackagedVm], kind: str, target: str,
             done.write_text(json.dumps(doc))
         doc = json.loads(done.read_text())
     return Migrated(kind, target, doc, out)
+
+
+@pytest.fixture(autouse=True)
+def _release_outputs(request: pytest.FixtureRequest, shared_dir: Path) -> Iterator[None]:
+    """Delete a target's migrated disks once every test of this run that reads them has ended
+    (counted and grouped at collection: tests/migrate/conftest.py).  A later reader would
+    migrate again (``_migrate``), so a miscount costs time, never a wrong result."""
+    yield
+    from tests.migrate.conftest import E2E_READERS, _target_of
+
+    target = _target_of(request.node)
+    readers = request.config.stash.get(E2E_READERS, {}).get(target or "", 0)
+    if not target or not readers:
+        return
+    with locked(shared_dir / "release.lock"):
+        ended = shared_dir / "ended" / target
+        ended.parent.mkdir(exist_ok=True)
+        with open(ended, "a") as f:
+            f.write(request.node.nodeid + "\n")
+        if len(set(ended.read_text().splitlines())) < readers:
+            return
+        for kind, t, fmt in pairs(full=True):
+            if t == target:
+                with locked(shared_dir / f"{_key(kind, t, fmt)}.lock"):
+                    shutil.rmtree(shared_dir / "out" / _key(kind, t, fmt), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

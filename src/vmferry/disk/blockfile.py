@@ -55,6 +55,8 @@ DIRECT_ALIGN = 4096
 DIRECT_MIN = 256 << 10
 #: the reusable aligned buffer that unaligned data is copied into for a direct write
 _BOUNCE_SIZE = 8 << 20
+#: buffers one pwritev takes (Linux's UIO_MAXIOV)
+_IOV_MAX = 1024
 #: the most one buffered write() hands the kernel at once.  Linux sizes a new page-cache folio
 #: from the write's length and alignment, and a large folio needs a large free block; in a VM
 #: whose balloon reports free memory to its host (free-page reporting, order 9 here) those
@@ -505,29 +507,21 @@ class _DirectWriter:
 
     def write(self, offset: int, views: list[memoryview]) -> bool:
         """Write ``views`` back to back (page-aligned offset and total) directly; False: not
-        done at all.  One page-aligned buffer goes as it is; anything else is gathered into
-        the bounce buffer and written in requests of its size."""
+        done at all.
+
+        A view of a page-aligned buffer that lands on a page boundary goes as it is (its whole
+        pages); everything else is gathered into the bounce buffer, at page-aligned places.
+        One ``pwritev`` then takes them in file order, so the device still sees one large
+        request, and data read into aligned buffers is never copied (a VHD block: a page of
+        zeros and bitmap from the bounce buffer, then 2 MiB straight from the read buffer).
+        """
         if self.fd < 0:
             return False
         try:
             if len(views) == 1 and _aligned(views[0]):
                 self.owner._pwrite_all(self.fd, views[0], offset)
                 return True
-            bounce = self._bounce_view()
-            filled = 0
-            for view in views:
-                pos = 0
-                while pos < len(view):
-                    n = min(len(bounce) - filled, len(view) - pos)
-                    bounce[filled : filled + n] = view[pos : pos + n]
-                    filled += n
-                    pos += n
-                    if filled == len(bounce):
-                        self.owner._pwrite_all(self.fd, bounce, offset)
-                        offset += filled
-                        filled = 0
-            if filled:
-                self.owner._pwrite_all(self.fd, bounce[:filled], offset)
+            _Gathered(self, offset).write(views)
             return True
         except OSError as exc:
             if exc.errno != errno.EINVAL:
@@ -547,6 +541,67 @@ class _DirectWriter:
             os.close(self.fd)
             self.fd = -1
         self._bounce = None  # unmapped with its last view (one may still be on the stack)
+
+
+class _Gathered:
+    """One direct write being assembled: the iovecs of a ``pwritev`` and the bounce buffer
+    that holds the pieces which cannot go as they are."""
+
+    def __init__(self, writer: _DirectWriter, offset: int) -> None:
+        self.writer = writer
+        self.bounce = writer._bounce_view()
+        self.at = offset  # file offset of the first iovec
+        self.pos = offset  # file offset of the next byte
+        self.iov: list[memoryview] = []
+        self.used = 0  # bounce bytes handed out (a page multiple whenever no piece is open)
+        self.open_at = -1  # where in the bounce the piece being filled starts
+
+    def write(self, views: Sequence[memoryview]) -> None:
+        for view in views:
+            if self.pos % DIRECT_ALIGN == 0 and len(view) >= DIRECT_ALIGN and _aligned(view):
+                whole = len(view) - len(view) % DIRECT_ALIGN
+                self._close_piece()
+                self._add(view[:whole])
+                view = view[whole:]
+            while view:
+                if self.open_at < 0:
+                    self.open_at = self.used
+                n = min(len(self.bounce) - self.used, len(view))
+                self.bounce[self.used : self.used + n] = view[:n]
+                self.used += n
+                self.pos += n
+                view = view[n:]
+                if self.used == len(self.bounce):
+                    self._close_piece()
+                    self._issue()
+        self._close_piece()
+        self._issue()
+
+    def _close_piece(self) -> None:
+        # a piece always starts on a page of the file and is closed there (or at the end)
+        if self.open_at >= 0:
+            self.iov.append(self.bounce[self.open_at : self.used])
+            self.open_at = -1
+
+    def _add(self, view: memoryview) -> None:
+        self.iov.append(view)
+        self.pos += len(view)
+        if len(self.iov) >= _IOV_MAX:
+            self._issue()
+
+    def _issue(self) -> None:
+        """pwritev everything gathered so far; a short write goes on from where it stopped."""
+        iov, at = self.iov, self.at
+        while iov:
+            written = os.pwritev(self.writer.fd, iov, at)
+            if written <= 0:
+                raise VmferryError("short write", path=str(self.writer.owner.path), offset=at)
+            at += written
+            while iov and written >= len(iov[0]):
+                written -= len(iov.pop(0))
+            if written:
+                iov[0] = iov[0][written:]
+        self.iov, self.at, self.used = [], self.pos, 0
 
 
 def _bytes_view(data: bytes | bytearray | memoryview) -> memoryview:
