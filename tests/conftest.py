@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -67,22 +66,6 @@ def qemu_img_info(path: str | os.PathLike[str], fmt: str | None = None) -> dict:
     if fmt:
         args += ["-f", fmt]
     return json.loads(qemu_img(*args, str(path)).stdout)
-
-
-def pytest_report_header(config: pytest.Config) -> str:
-    """Free space where the tests write: a full disk shows up only as odd setup errors.
-
-    Passing tests' directories are deleted as they end (tmp_path_retention_policy in
-    pyproject.toml); the guest images cached between runs need about 6 GB more.
-    """
-    from tests.bootkit.guest import cache_dir
-
-    places = {"temp": Path(tempfile.gettempdir()), "guest cache": cache_dir()}
-    parts = []
-    for label, place in places.items():
-        existing = next((p for p in (place, *place.parents) if p.exists()), Path("/"))
-        parts.append(f"{label} {place}: {shutil.disk_usage(existing).free / 2**30:.1f} GiB free")
-    return "disk: " + "; ".join(parts)
 
 
 @pytest.fixture
