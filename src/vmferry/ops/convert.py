@@ -22,8 +22,9 @@ from vmferry.ops.atomic import AtomicOutput
 from vmferry.ops.progress import NoProgress, Progress
 from vmferry.ops.sparse import nonzero_runs
 
-#: bytes written between requests to start writing them back to disk
-WRITEBACK_EVERY = 64 << 20
+#: bytes written between requests to start writing them back to disk: a few MiB, so the
+#: device is fed steadily (every 64 MiB, 2 GiB synced took 1.9-2.1 s; every 4 MiB, 1.5-1.8 s)
+WRITEBACK_EVERY = 4 << 20
 
 
 @dataclass
@@ -156,8 +157,6 @@ def convert(
         with AtomicOutput(dst, overwrite=overwrite, durable=sync) as out:
             assert out.file is not None
             out.file.cache_unsafe = True  # synced once, whole, before the rename
-            if sync:
-                out.file.write_direct()  # durable anyway: skip the page cache's copy
             layer = driver.create(out.file, chain.virtual_size, opts, None)
             out.discard_with(layer.files())
             try:
