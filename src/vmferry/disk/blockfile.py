@@ -408,9 +408,9 @@ class BlockFile:
 
     def _note_dirty(self, start: int, end: int) -> None:
         dirty = self._dirty
-        for i in range(len(dirty) - 1, max(len(dirty) - 4, 0) - 1, -1):
-            if dirty[i][1] == start:  # the next piece of a sequential write (metadata between)
-                dirty[i][1] = end
+        for run in reversed(dirty[-4:]):
+            if run[1] == start:  # the next piece of a sequential write (metadata between)
+                run[1] = end
                 return
         dirty.append([start, end])
         if len(dirty) > _DIRTY_RANGES_MAX:
