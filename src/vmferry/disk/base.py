@@ -193,7 +193,7 @@ class DiskFormat(ABC):
             elif ext.alloc is Alloc.DATA:
                 part[:] = self.read(ext.offset, ext.length)
             else:
-                part[:] = bytes(ext.length)
+                zero_fill(part)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         raise UnsupportedFeatureError(f"vmferry cannot write {self.name} images")
@@ -270,3 +270,14 @@ def _mergeable(a: Extent, b: Extent) -> bool:
     if a.host_offset is None and b.host_offset is None:
         return True
     return a.host_offset is not None and b.host_offset == a.host_offset + a.length
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def zero_fill(view: memoryview) -> None:
+    """Zero ``view`` from one shared zero buffer (no allocation per hole, however large)."""
+    zeros = memoryview(_ZEROS)
+    for at in range(0, len(view), len(zeros)):
+        n = min(len(zeros), len(view) - at)
+        view[at : at + n] = zeros[:n]

@@ -21,6 +21,7 @@ R = TypeVar("R")
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
+_WINDOWS = threading.local()
 
 
 def parallel_workers() -> int:
@@ -69,3 +70,13 @@ def map_batches(fn: Callable[[list[T]], list[R]], items: Iterable[T]) -> list[R]
     for future in futures:
         out.extend(future.result())
     return out
+
+
+def thread_window(size: int) -> memoryview:
+    """``size`` bytes of this thread's scratch buffer, for compressed bytes on their
+    way to the inflater.  Reused (per thread, since batches run on every core) so that it stays
+    in the core's cache: a fresh buffer per chunk made every copy after it miss the cache."""
+    buf: bytearray | None = getattr(_WINDOWS, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _WINDOWS.buf = bytearray(size)
+    return memoryview(buf)[:size]

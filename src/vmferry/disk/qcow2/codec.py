@@ -60,18 +60,6 @@ def decompress(kind: int, data: bytes, cluster_size: int, where: str) -> bytes:
     return out
 
 
-def decompress_many(
-    kind: int, raws: list[bytes], cluster_size: int, wheres: list[str]
-) -> list[bytes]:
-    """``decompress`` for many clusters at once, on every core, results in order."""
-    if kind == COMPRESSION_ZSTD:
-        load_zstd()  # the missing-module error once, before threads
-    return map_all(
-        lambda job: decompress(kind, job[0], cluster_size, job[1]),
-        zip(raws, wheres, strict=True),
-    )
-
-
 class Compressor:
     """Compresses whole clusters for compressed output, on every core for batches (the shared
     pool of :mod:`vmferry.disk.parallel`)."""

@@ -20,14 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Self
 
-from vmferry.disk.base import Alloc, CheckReport, DiskFormat, Extent, ParentInfo, ParentRef
+from vmferry.disk.base import (
+    Alloc,
+    CheckReport,
+    DiskFormat,
+    Extent,
+    ParentInfo,
+    ParentRef,
+    zero_fill,
+)
 from vmferry.disk.blockfile import BlockFile
-from vmferry.disk.parallel import parallel_workers
+from vmferry.disk.parallel import map_batches, parallel_workers, thread_window
 from vmferry.disk.qcow2 import header as hdr
 from vmferry.disk.qcow2.codec import (
     Compressor,
     decompress,
-    decompress_many,
     load_zstd,
 )
 from vmferry.disk.qcow2.header import Meta
@@ -74,6 +81,12 @@ _L2_CACHE_BYTES = 32 * 1024 * 1024
 #: data written between commits of the metadata that publishes it (see ``_commit_due``);
 #: dirty tables also force one when they would fill the L2 cache (they are pinned in it)
 COMMIT_EVERY = 256 << 20
+#: bytes of packed compressed clusters a thread reads ahead while it inflates (fits a core's
+#: L2 cache; larger clusters get a window of two clusters)
+INFLATE_WINDOW = 512 * 1024
+#: a compressed cluster piece to read: (cluster index, L2 entry, offset in the result,
+#: offset in the cluster, length)
+_ClusterPiece = tuple[int, int, int, int, int]
 _ON_OFF = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
 
 
@@ -469,96 +482,106 @@ class Qcow2(DiskFormat):
     def read(self, offset: int, length: int) -> bytes:
         self._check_range(offset, length)
         self._flush_open_cluster()
-        parts: list[bytes] = []
-        pos, end = offset, offset + length
-        while pos < end:
-            kind, n, host = self._status(pos, end)
-            if kind == DATA:
-                parts.append(self.data.pread(host, n))
-            elif kind == COMPRESSED:
-                parts.append(self._read_compressed(pos, n))
-            else:
-                parts.append(bytes(n))
-            pos += n
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        kind, n, host = self._status(offset, offset + length)
+        if n == length and kind == DATA:  # one run of plain clusters: one pread, no copy
+            return self.data.pread(host, n)
+        if n == length and kind != COMPRESSED:
+            return bytes(n)
+        out = bytearray(length)  # zeros already: holes need no filling
+        self._fill(offset, memoryview(out), zero_holes=False)
+        return bytes(out)
 
     def read_into(self, offset: int, view: memoryview) -> None:
-        self._read_into_mapped(offset, view, self.file.pread_into)
+        self._check_range(offset, len(view))
+        self._flush_open_cluster()
+        self._fill(offset, view, zero_holes=True)
 
-    def _read_compressed(self, pos: int, n: int) -> bytes:
+    def _fill(self, offset: int, view: memoryview, *, zero_holes: bool) -> None:
+        pos, end = offset, offset + len(view)
+        pieces: list[_ClusterPiece] = []  # compressed, inflated together at the end
+        while pos < end:
+            kind, n, host = self._status(pos, end)
+            part = view[pos - offset : pos - offset + n]
+            if kind == DATA:
+                self.data.pread_into(host, part)
+            elif kind == COMPRESSED:
+                self._plan_compressed(pos, n, pos - offset, pieces)
+            elif zero_holes:
+                zero_fill(part)
+            pos += n
+        if pieces:
+            self._inflate_into(view, pieces)
+
+    def _plan_compressed(self, pos: int, n: int, dst: int, pieces: list[_ClusterPiece]) -> None:
         end = pos + n
-        first, last = pos >> self.cb, (end - 1) >> self.cb
-        if last - first >= 3 and parallel_workers() > 1:
-            return self._read_compressed_parallel(pos, end, first, last)
-        parts: list[bytes] = []
         while pos < end:
             ci = pos >> self.cb
-            e, _ = self._entry(ci)
-            cluster = self._decompress(e, ci)
-            a = pos - (ci << self.cb)
-            b = min(self.cs, end - (ci << self.cb))
-            parts.append(cluster[a:b])
-            pos += b - a
-        return b"".join(parts)
+            in_c = pos - (ci << self.cb)
+            k = min(self.cs - in_c, end - pos)
+            pieces.append((ci, self._entry(ci)[0], dst, in_c, k))
+            pos += k
+            dst += k
 
-    def _read_compressed_parallel(self, pos: int, end: int, first: int, last: int) -> bytes:
-        """Inflate a run of compressed clusters on every core; one pread when they are packed."""
-        cis = range(first, last + 1)
-        ranges = []
-        for ci in cis:
-            coff, csize = self._compressed_range(self._entry(ci)[0])
-            if coff >= self.file.size:
-                raise CorruptImageError(
-                    f"compressed cluster at guest offset {ci << self.cb:#x} points past the end "
-                    "of the file",
-                    path=str(self.file.path),
-                )
-            ranges.append((coff, min(csize, 2 * self.cs)))
-        lo = min(c for c, _ in ranges)
-        hi = max(c + n for c, n in ranges)
-        if hi - lo <= 2 * self.cs * len(ranges):  # packed together (qemu and vmferry do so)
-            blob = self.file.pread(lo, hi - lo)
-            raws = [blob[c - lo : c - lo + n] for c, n in ranges]
-        else:
-            raws = [self.file.pread(c, n) for c, n in ranges]
-        wheres = [f"compressed cluster at guest offset {ci << self.cb:#x}" for ci in cis]
+    def _inflate_into(self, view: memoryview, pieces: list[_ClusterPiece]) -> None:
+        """Inflate compressed clusters into ``view``, in one contiguous batch per core.
+
+        Each batch reads the packed compressed bytes through a small per-thread window that
+        stays in the core's cache and inflates from there, as streamOptimized VMDK grains are
+        read: no buffer the size of the request is built, sliced or joined on the way.
+        """
+        cached = self._last_cluster
+        todo: list[_ClusterPiece] = []
+        for piece in pieces:
+            _ci, e, dst, in_c, n = piece
+            if cached is not None and cached[0] == e:
+                view[dst : dst + n] = memoryview(cached[1])[in_c : in_c + n]
+            else:
+                todo.append(piece)
+        if not todo:
+            return
+        if self.meta.compression_type == COMPRESSION_ZSTD:
+            load_zstd()  # the missing-module error once, before any thread
         try:
-            clusters = decompress_many(self.meta.compression_type, raws, self.cs, wheres)
+            if len(todo) >= 4 and parallel_workers() > 1:
+                lasts = map_batches(lambda batch: self._inflate_batch(view, batch), todo)
+            else:
+                lasts = self._inflate_batch(view, todo)
         except VmferryError as exc:
             exc.path = exc.path or str(self.file.path)
             raise
-        a = pos - (first << self.cb)
-        b = end - (last << self.cb)
-        if first == last:
-            return clusters[0][a:b]
-        clusters[0] = clusters[0][a:]
-        clusters[-1] = clusters[-1][:b]
-        return b"".join(clusters)
+        self._last_cluster = (todo[-1][1], lasts[-1])  # type: ignore[assignment]
+
+    def _inflate_batch(self, view: memoryview, pieces: list[_ClusterPiece]) -> list[bytes | None]:
+        """Inflate ``pieces`` into ``view``; one result per piece: the last one's cluster (to
+        be cached), None for the rest."""
+        cs = self.cs
+        size = self.file.size
+        window = thread_window(max(INFLATE_WINDOW, 2 * cs + 512))
+        lo = hi = 0  # the file bytes [lo, hi) are in the window
+        out: list[bytes | None] = []
+        plain = b""
+        for ci, e, dst, in_c, n in pieces:
+            coff, csize = self._compressed_range(e)
+            where = f"compressed cluster at guest offset {ci << self.cb:#x}"
+            if coff >= size:
+                raise CorruptImageError(f"{where} points past the end of the file")
+            csize = min(csize, 2 * cs, size - coff)
+            if not (lo <= coff and coff + csize <= hi):
+                lo, hi = coff, coff + min(len(window), size - coff)
+                self.file.pread_into(lo, window[: hi - lo])
+            plain = decompress(
+                self.meta.compression_type, window[coff - lo : coff - lo + csize], cs, where
+            )
+            view[dst : dst + n] = memoryview(plain)[in_c : in_c + n]
+            out.append(None)
+        out[-1] = plain
+        return out
 
     def _compressed_range(self, e: int) -> tuple[int, int]:
         """(host offset, byte length) of a compressed cluster's data."""
         coff = e & self.coffset_mask
         sectors = ((e >> self.csize_shift) & self.csize_mask) + 1
         return coff, sectors * 512 - (coff & 511)
-
-    def _decompress(self, e: int, ci: int) -> bytes:
-        last = self._last_cluster
-        if last is not None and last[0] == e:
-            return last[1]
-        coff, csize = self._compressed_range(e)
-        where = f"compressed cluster at guest offset {ci << self.cb:#x}"
-        if coff >= self.file.size:
-            raise CorruptImageError(
-                f"{where} points past the end of the file", path=str(self.file.path)
-            )
-        raw = self.file.pread(coff, min(csize, self.cs * 2))
-        try:
-            out = decompress(self.meta.compression_type, raw, self.cs, where)
-        except VmferryError as exc:
-            exc.path = exc.path or str(self.file.path)
-            raise
-        self._last_cluster = (e, out)
-        return out
 
     # --- writing: helpers ---------------------------------------------------------------------
 
@@ -622,7 +645,9 @@ class Qcow2(DiskFormat):
         if covers_all:
             return bytearray(cs)
         if e & FLAG_COMPRESSED:
-            return bytearray(self._decompress(e, ci))
+            buf = bytearray(cs)
+            self._inflate_into(memoryview(buf), [(ci, e, 0, 0, cs)])
+            return buf
         if e & FLAG_ZERO:
             return bytearray(cs)
         host = self._host(e, ci)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import sys
-import threading
 from array import array
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +24,7 @@ from vmferry._layout import Layout, raw, u8, u16, u32, u64
 from vmferry.disk.base import Alloc, CheckReport
 from vmferry.disk.blockfile import BlockFile
 from vmferry.disk.deflate import zlib
-from vmferry.disk.parallel import map_batches
+from vmferry.disk.parallel import map_batches, thread_window
 from vmferry.disk.vmdk.extent import SECTOR, ExtentBase, Status
 from vmferry.errors import (
     CorruptImageError,
@@ -72,17 +71,6 @@ class _ReadPlan:
 WINDOW = 512 * 1024
 #: grains that lie closer together than this many grains apart on average were compressed
 STORED_SPACING = 0.9
-_WINDOWS = threading.local()
-
-
-def _window(size: int) -> memoryview:
-    """This thread's read window, at least ``size`` bytes (reused, so it stays cache-hot)."""
-    buf: bytearray | None = getattr(_WINDOWS, "buf", None)
-    if buf is None or len(buf) < size:
-        buf = _WINDOWS.buf = bytearray(size)
-    return memoryview(buf)
-
-
 #: grain tables kept in memory before the cache is dropped (8 MiB of entries)
 GT_CACHE_LIMIT = 4096
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
@@ -417,7 +405,7 @@ class SparseExtent(ExtentBase):
         """Inflate ``pieces`` into ``view``; one result per piece: the last one's grain (to be
         cached), None for the rest."""
         assert self.file is not None
-        window = _window(max(WINDOW, self._max_record()))
+        window = thread_window(max(WINDOW, self._max_record()))
         lo = hi = 0  # the file bytes [lo, hi) are in the window
         size = self.file.size
         out: list[bytes | None] = []
