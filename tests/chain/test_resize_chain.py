@@ -19,7 +19,6 @@ import vmferry
 from tests.chain.test_snapshot import oracle_read
 from tests.conftest import qemu_img
 from tests.formats import EXTENSION, QEMU
-from vmferry.chain import surgery
 from vmferry.chain.surgery import resize
 from vmferry.cli.main import cli
 from vmferry.disk import driver_by_name
@@ -122,15 +121,37 @@ def test_without_chain_a_parent_with_children_is_refused_unchanged(
     assert _sums(tmp_path) == before
 
 
-def test_format_that_cannot_resize_refuses_before_any_change(tmp_path: Path) -> None:
-    p = _tree(tmp_path, "vmdk")
-    layer = vmferry.chain.open_layer(p["base"])
-    assert not surgery._can_resize(layer)
+def test_member_that_cannot_grow_refuses_before_any_change(tmp_path: Path) -> None:
+    """Split VMDKs grow by adding extent files; a taken name in the grandchild stops the whole
+    chain in the preflight, before the base has grown a byte."""
+    names = ("base", "child", "grand")
+    p = {n: tmp_path / f"{n}.vmdk" for n in names}
+    vmferry.create(p["base"], "vmdk", 16 * MIB, subformat="twoGbMaxExtentSparse").close()
+    for name, parent in (("child", "base"), ("grand", "child")):
+        opts = {"subformat": "twoGbMaxExtentSparse"}
+        vmferry.create(p[name], "vmdk", parent=p[parent], **opts).close()
+    (tmp_path / "grand-s002.vmdk").write_bytes(b"someone else's file")
+    layer = vmferry.chain.open_layer(p["grand"], writable=True)
+    assert "already exists" in (layer.cannot_resize(3 << 30) or "")
+    assert layer.cannot_resize(16 * MIB) is None  # (the same size: nothing to add)
     layer.close()
     before = _sums(tmp_path)
-    r = CliRunner().invoke(cli, ["resize", str(p["grand"]), "24M", "--chain"])
-    assert r.exit_code == 5 and "cannot resize vmdk" in r.stderr
+    r = CliRunner().invoke(cli, ["resize", str(p["grand"]), "3G", "--chain"])
+    assert r.exit_code == 5 and "grand-s002.vmdk already exists" in r.stderr, r.stderr
     assert _sums(tmp_path) == before
+    (tmp_path / "grand-s002.vmdk").unlink()
+    r = CliRunner().invoke(cli, ["resize", str(p["grand"]), "3G", "--chain"])
+    assert r.exit_code == 0, r.stderr
+    for name in names:
+        info = json.loads(qemu_img("info", "--output=json", str(p[name])).stdout)
+        assert info["virtual-size"] == 3 << 30
+    # grand-s001 keeps its 16 MiB (a sparse extent's header and descriptor line would
+    # disagree after a crash if it grew); 2 GiB and the rest follow in new files
+    assert sorted(f.name for f in tmp_path.glob("grand-s*.vmdk")) == [
+        "grand-s001.vmdk",
+        "grand-s002.vmdk",
+        "grand-s003.vmdk",
+    ]
 
 
 def test_shrink_with_chain_is_a_usage_error(tmp_path: Path) -> None:

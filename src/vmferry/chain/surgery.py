@@ -238,11 +238,6 @@ def _chain_tree(
     return order
 
 
-def _can_resize(layer: DiskFormat) -> bool:
-    """The driver implements ``resize`` (asked of the class, never of the format's name)."""
-    return type(layer).resize is not DiskFormat.resize and layer.writable_format
-
-
 def resize_chain(
     image: str | os.PathLike[str],
     new_size: int,
@@ -281,10 +276,10 @@ def resize_chain(
     for path, parent_path in tree:
         layer = open_layer(path, writable=True)
         try:
-            if not _can_resize(layer):
+            why = layer.cannot_resize(max(new_size, layer.virtual_size))
+            if why is not None:
                 raise UnsafeOperationError(
-                    f"vmferry cannot resize {layer.name} images, so the chain cannot grow "
-                    "consistently; nothing was changed",
+                    f"{why}, so the chain cannot grow consistently; nothing was changed",
                     path=str(path),
                     hint="merge the chain (vmferry merge LEAF --all) or convert it first",
                 )

@@ -241,6 +241,13 @@ class DiskFormat(ABC):
     def resize(self, new_size: int) -> None:
         raise UnsupportedFeatureError(f"vmferry cannot resize {self.name} images yet")
 
+    def cannot_resize(self, new_size: int) -> str | None:
+        """Why ``resize(new_size)`` would be refused (None: it would not), asked before any
+        member of a chain changes.  Drivers whose refusals depend on the layer override it."""
+        if type(self).resize is DiskFormat.resize or not self.writable_format:
+            return f"vmferry cannot resize {self.name} images"
+        return None
+
     def check(self) -> CheckReport:
         return CheckReport(notes=[f"{self.name}: no structural checks beyond open"])
 

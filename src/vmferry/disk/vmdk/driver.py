@@ -16,6 +16,7 @@ written to no longer opens: its parent "has been modified since the child was cr
 from __future__ import annotations
 
 import bisect
+import copy
 import os
 import re
 import secrets
@@ -287,17 +288,9 @@ class Vmdk(DiskFormat):
     def _new_cid(self) -> None:
         """VMware's rule: the content ID changes on the first write after open."""
         self._cid_updated = True
-        desc = self.descriptor
-        if desc is None:
-            return
-        old = desc.cid
-        cid = old
-        while cid in (old, dmod.NO_PARENT_CID):
-            cid = secrets.randbits(32)
-        desc.cid = cid
-        if "ddb.longContentID" in desc.ddb:
-            desc.ddb["ddb.longContentID"] = secrets.token_hex(12) + f"{cid:08x}"
-        self._write_descriptor()
+        if self.descriptor is not None:
+            _fresh_cid(self.descriptor)
+            self._write_descriptor()
 
     def _write_descriptor(self) -> None:
         desc = self.descriptor
@@ -340,6 +333,167 @@ class Vmdk(DiskFormat):
             desc.header["parentFileNameHint"] = parent.relative_path
         self._write_descriptor()
         self.has_parent = parent is not None
+
+    def resize(self, new_size: int) -> None:
+        """Grow the disk, as ``vmware-vdiskmanager -x`` does (qemu-img cannot resize a VMDK).
+
+        The last extent grows; a split disk adds extent files of up to 2 GiB after it (its
+        last flat extent first fills to 2 GiB; a sparse one stays as it is, see
+        ``_grow_plan``).  Order, so that a crash at any instant leaves a disk that reads as
+        before or as grown, to qemu as to vmferry: first the room (flat files extended with a
+        hole, sparse grain tables and directories appended where nothing points yet, new
+        extent files), synced; then the one record readers take the size from.  For an
+        embedded descriptor that is the header sector (capacity and directory offsets in one
+        512-byte write), after the descriptor; for a descriptor file, the descriptor.  The
+        CID changes, as on any write.
+        """
+        self._require_writable()
+        plan = self._grow_plan(new_size)
+        if plan is None:
+            return
+        _sectors, last_sectors, new_lines, grown = plan
+        last = self.parts[-1]
+        self._cid_updated = True
+        if last_sectors * SECTOR != last.size:
+            last.grow(last_sectors * SECTOR)
+        added: list[ExtentBase] = []
+        published = False
+        try:
+            for line in new_lines:
+                added.append(self._create_extent(line, last))
+            self.descriptor = grown
+            published = True
+            self._write_descriptor()
+            last.publish_size()  # (embedded: the header; flat and split sparse: nothing)
+        except BaseException:
+            for ext in added:
+                ext.close()
+            if not published:  # nothing names the new files yet: they go again
+                for line in new_lines[: len(added)]:
+                    assert line.filename is not None
+                    (self.file.path.parent / line.filename).unlink(missing_ok=True)
+            raise
+        self.parts.extend(added)
+        self._starts = []
+        pos = 0
+        for ext in self.parts:
+            self._starts.append(pos)
+            pos += ext.size
+        self.virtual_size = pos
+
+    def cannot_resize(self, new_size: int) -> str | None:
+        try:
+            self._grow_plan(new_size)
+        except VmferryError as exc:
+            return str(exc)
+        return None
+
+    def _grow_plan(self, new_size: int) -> tuple[int, int, list[ExtentLine], Descriptor] | None:
+        """(sectors, the last extent's new sectors, lines of added extents, the grown
+        descriptor), None when the size does not change; every refusal is raised here,
+        before any change."""
+        desc = self.descriptor
+        path = str(self.file.path)
+        if desc is None:
+            raise UnsupportedFeatureError(
+                "a bare VMDK extent has no descriptor to record a new size in", path=path
+            )
+        sectors = -(-new_size // SECTOR)
+        if sectors * SECTOR < self.virtual_size:
+            raise UnsupportedFeatureError(
+                "vmferry grows VMDK disks but does not shrink them",
+                path=path,
+                hint="convert the disk to qcow2 or VHDX, shrink that, and convert it back",
+            )
+        if sectors * SECTOR == self.virtual_size:
+            return None
+        last = self.parts[-1]
+        why = last.can_grow(sectors * SECTOR - self._starts[-1])
+        if why is None and last.file is not None:
+            same = os.path.realpath(last.file.path)
+            if any(
+                p is not last and p.file is not None and os.path.realpath(p.file.path) == same
+                for p in self.parts
+            ):
+                why = "its file holds other extents of the disk too"
+        if why is not None:
+            raise UnsupportedFeatureError(f"cannot grow this VMDK: {why}", path=path)
+        split = desc.create_type.startswith("twoGbMaxExtent")
+        cap = SPLIT_BYTES // SECTOR if split else sectors
+        start = self._starts[-1] // SECTOR
+        last_sectors = max(last.size // SECTOR, min(cap, sectors - start))
+        if self.embedded is None and isinstance(last, SparseExtent):
+            # qemu sizes a sparse extent by its header, the descriptor by its line: growing
+            # one would show qemu a size in between after a crash.  New files only.
+            if not split:
+                raise UnsupportedFeatureError(
+                    "cannot grow this VMDK: its sparse extent is named by a separate descriptor "
+                    f"of a {desc.create_type or 'unknown'} disk, which takes no further extents",
+                    path=path,
+                )
+            last_sectors = last.size // SECTOR
+        new_lines = self._new_split_lines(desc, sectors - start - last_sectors, cap, last)
+        grown = copy.deepcopy(desc)
+        grown.extents[-1].sectors = last_sectors
+        grown.extents.extend(new_lines)
+        _set_geometry(grown, sectors)
+        _fresh_cid(grown)
+        self._check_descriptor_fits(grown)
+        return sectors, last_sectors, new_lines, grown
+
+    def _check_descriptor_fits(self, desc: Descriptor) -> None:
+        if self.embedded is None:
+            return
+        need = len(desc.text().encode("utf-8"))
+        area = self.embedded.head.desc_size * SECTOR
+        if need > area:
+            raise UnsupportedFeatureError(
+                f"the grown descriptor ({need} bytes) would not fit its {area}-byte area",
+                path=str(self.file.path),
+            )
+
+    def _new_split_lines(
+        self, desc: Descriptor, remaining: int, cap: int, last: ExtentBase
+    ) -> list[ExtentLine]:
+        """Descriptor lines for the extent files a split disk adds (none for other disks);
+        refused before any change if one of their names is taken."""
+        if remaining <= 0:
+            return []
+        final = self.file.path
+        stem = final.name[:-5] if final.name.lower().endswith(".vmdk") else final.name
+        letter = "s" if isinstance(last, SparseExtent) else "f"
+        number = len(desc.extents)
+        lines = []
+        while remaining > 0:
+            number += 1
+            n = min(cap, remaining)
+            name = f"{stem}-{letter}{number:03d}.vmdk"
+            if (final.parent / name).exists():
+                raise UsageError(
+                    f"the next extent file {name} already exists and is not part of this disk",
+                    path=str(final),
+                    hint="move it away (a leftover of an interrupted resize?) and run again",
+                )
+            lines.append(ExtentLine("RW", n, desc.extents[-1].kind, name, 0))
+            remaining -= n
+        return lines
+
+    def _create_extent(self, line: ExtentLine, like: ExtentBase) -> ExtentBase:
+        """A new extent file for ``line``, of the same kind as ``like``, synced."""
+        assert line.filename is not None
+        ef = BlockFile.open(self.file.path.parent / line.filename, writable=True, create=True)
+        try:
+            if isinstance(like, SparseExtent):
+                ext: ExtentBase = _new_sparse_extent(ef, line.sectors, like.zero_grain)
+                ext.kind = like.kind
+            else:
+                ef.truncate(line.sectors * SECTOR)
+                ext = FlatExtent(ef, line.sectors * SECTOR, 0, like.kind, True)
+            ef.fsync()
+        except BaseException:
+            ef.close()
+            raise
+        return ext
 
     # --- life cycle ----------------------------------------------------------------------------
 
@@ -594,6 +748,26 @@ def _new_descriptor(
     if sub == "vmfsThin":
         ddb["ddb.thinProvisioned"] = "1"
     return Descriptor(header=header, extents=[], ddb=ddb)
+
+
+def _fresh_cid(desc: Descriptor) -> None:
+    """A new random CID (never the old one, never "no parent"), and a matching long ID."""
+    old = desc.cid
+    cid = old
+    while cid in (old, dmod.NO_PARENT_CID):
+        cid = secrets.randbits(32)
+    desc.cid = cid
+    if "ddb.longContentID" in desc.ddb:
+        desc.ddb["ddb.longContentID"] = secrets.token_hex(12) + f"{cid:08x}"
+
+
+def _set_geometry(desc: Descriptor, sectors: int) -> None:
+    """Cylinders for the new size, with the heads and sectors per track the disk has."""
+    heads = desc.ddb.get("ddb.geometry.heads", "")
+    per_track = desc.ddb.get("ddb.geometry.sectors", "")
+    known = "ddb.geometry.cylinders" in desc.ddb and heads.isdigit() and per_track.isdigit()
+    if known and int(heads) and int(per_track):
+        desc.ddb["ddb.geometry.cylinders"] = str(sectors // (int(heads) * int(per_track)))
 
 
 def _final_path(f: BlockFile) -> Path:

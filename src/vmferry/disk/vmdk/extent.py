@@ -61,6 +61,20 @@ class ExtentBase:
             self.write(offset, memoryview(chunk)[:n])
             offset += n
 
+    # --- growing (``Vmdk.resize``): two phases, so the driver can order them across files ---
+
+    def can_grow(self, new_size: int) -> str | None:
+        """None when ``grow(new_size)`` works on this extent, else why not (before any change)."""
+        return f"{self.kind} extents cannot grow"
+
+    def grow(self, new_size: int) -> None:
+        """Phase one: make room for ``new_size`` bytes where no reader looks yet, synced.
+        Readers still see the old extent afterwards; ``publish_size`` makes it the new one."""
+        raise UnsupportedFeatureError(f"{self.kind} extents cannot grow")
+
+    def publish_size(self) -> None:
+        """Phase two: the extent's own record of its size (if it has one) says the new size."""
+
     def flush(self) -> None:
         if self.file is not None and self.writable:
             self.file.fsync()

@@ -55,3 +55,42 @@ class FlatExtent(ExtentBase):
         if not f.is_block_device and whole_file and in_file and f.punch_hole(host, length):
             return
         super().write_zeroes(offset, length, has_parent)
+
+    def can_grow(self, new_size: int) -> str | None:
+        """Bytes of the file past the extent would become disk content: they must read as
+        zeros (a hole, as an interrupted resize of ours leaves them, or zeros written).  The
+        driver checks that no other extent of the disk lies there."""
+        f = self.file
+        assert f is not None
+        if not self.writable:
+            return f"the extent file {f.path.name} is read-only"
+        if f.is_block_device:
+            return f"the extent {f.path.name} is a device, which cannot grow"
+        tail, end = self.start + self.size, min(f.size, self.start + new_size)
+        for run_off, run_len, is_data in f.data_runs(tail, max(0, end - tail)):
+            if is_data and not _all_zero(f, run_off, run_len):
+                return (
+                    f"its file {f.path.name} holds data after the extent, which growing would "
+                    "make part of the disk"
+                )
+        return None
+
+    def grow(self, new_size: int) -> None:
+        """Extend the file with a hole (reads as zeros); the descriptor is what gives the
+        extent its size, so nothing here has to be published."""
+        f = self.file
+        assert f is not None
+        if self.start + new_size > f.size:
+            f.truncate(self.start + new_size)
+            f.fsync()
+        self.size = new_size
+
+
+def _all_zero(f: BlockFile, offset: int, length: int) -> bool:
+    step = 1 << 20
+    zeros = bytes(step)
+    for at in range(offset, offset + length, step):
+        n = min(step, offset + length - at)
+        if f.pread(at, n) != zeros[:n]:
+            return False
+    return True

@@ -172,6 +172,8 @@ class SparseExtent(ExtentBase):
         self.rgd: array[int] | None = None
         self._gts: dict[int, array[int]] = {}
         self._pin_gts = False  # stream writer: every GT lives in memory only
+        #: a grow waiting for its header: (capacity, gd and rgd offsets, gd, rgd, next_alloc)
+        self._pending: tuple[int, int, int, array[int], array[int] | None, int] | None = None
         self._zero = bytes(self.grain)
         self._grain_cache: tuple[int, bytes] | None = None  # (sector, inflated grain)
         self.next_alloc = 0
@@ -643,6 +645,89 @@ class SparseExtent(ExtentBase):
         if self.ordered_sync:
             assert self.file is not None
             self.file.fsync()
+
+    # --- growing -------------------------------------------------------------------------------
+
+    def can_grow(self, new_size: int) -> str | None:
+        if not self.writable:
+            return f"the extent file {self.path} is read-only"
+        if self.compressed or self.markers:
+            return "a streamOptimized extent is an export format and cannot grow"
+        return None
+
+    def grow(self, new_size: int) -> None:
+        """Grain tables for the new range and a grain directory that holds them, appended
+        where nothing points yet, then synced; the header keeps the old capacity until
+        ``publish_size``, so a crash before it leaves the extent as it was (plus unused bytes
+        at the end).
+
+        Every new table is allocated now, as qemu and VMware allocate them all when they create
+        a hosted sparse extent (qemu cannot write where a directory entry is 0).  The tables go
+        at the end of the file as a hole, which reads as zeros.  A directory whose last sector
+        has room for the new entries takes them in place; otherwise both directories are
+        copied, with the new entries, to the end of the file.
+        """
+        assert self.file is not None
+        f = self.file
+        capacity = -(-new_size // SECTOR)
+        self.size = new_size
+        if capacity <= self.header.capacity:  # (an interrupted grow already made the room)
+            self._pending = None
+            return
+        n_new = gd_entries(capacity, self.grain_sectors)
+        if n_new > MAX_GD_ENTRIES:
+            raise ResourceLimitError(
+                f"a grain directory of {n_new} entries is past vmferry's limit", path=self.path
+            )
+        gt_span = _round_up(GT_BYTES, SECTOR)
+        added = range(self.n_gd, n_new)
+        gd = array("I", self.gd)
+        rgd = None if self.rgd is None else array("I", self.rgd)
+        pos = self.next_alloc
+        for _ in added:
+            gd.append(pos // SECTOR)
+            pos += gt_span
+            if rgd is not None:
+                rgd.append(pos // SECTOR)
+                pos += gt_span
+        room = _round_up(self.n_gd * 4, SECTOR) // 4
+        gd_offset, rgd_offset = self.header.gd_offset, self.header.rgd_offset
+        if n_new <= room:  # the new entries fit the directories' last sectors
+            if added:
+                tail = self.n_gd * 4
+                f.write(gd_offset * SECTOR + tail, le32_bytes(gd[self.n_gd :]))
+                if rgd is not None:
+                    f.write(rgd_offset * SECTOR + tail, le32_bytes(rgd[self.n_gd :]))
+        else:
+            dir_span = _round_up(n_new * 4, SECTOR)
+            gd_offset = pos // SECTOR
+            f.write(pos, le32_bytes(gd).ljust(dir_span, b"\0"))
+            pos += dir_span
+            if rgd is not None:
+                rgd_offset = pos // SECTOR
+                f.write(pos, le32_bytes(rgd).ljust(dir_span, b"\0"))
+                pos += dir_span
+        if pos > f.size:
+            f.truncate(pos)  # the new tables, as a hole
+        f.fsync()
+        self._pending = (capacity, gd_offset, rgd_offset, gd, rgd, _round_up(pos, self.grain))
+
+    def publish_size(self) -> None:
+        """One header sector gives the new capacity and directory offsets together, synced."""
+        pending = self._pending
+        if pending is None:
+            return
+        assert self.file is not None
+        capacity, gd_offset, rgd_offset, gd, rgd, next_alloc = pending
+        head = self.head
+        head.capacity, head.gd_offset, head.rgd_offset = capacity, gd_offset, rgd_offset
+        self.file.write(0, head.pack())
+        self.file.fsync()
+        self.header = head
+        self.n_gd = len(gd)
+        self.gd, self.rgd = gd, rgd
+        self.next_alloc = max(self.next_alloc, next_alloc)
+        self._pending = None
 
     # --- checking ------------------------------------------------------------------------------
 
