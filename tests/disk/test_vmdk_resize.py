@@ -129,6 +129,10 @@ def test_refusals_change_nothing(tmp_path: Path) -> None:
         resize(split, 3 * GiB)
     assert squatter.read_bytes() == b"not ours"
     assert qemu_img_info(split, "vmdk")["virtual-size"] == 2 * GiB
+    with pytest.raises(UsageError, match="more than 4096 extent files"):
+        resize(split, 9 << 40)  # 4600 files of 2 GiB
+    with pytest.raises(UsageError, match="cannot be"):
+        resize(img, (1 << 50) + 512)  # past what any reader accepts back
     assert img.read_bytes() == before
 
 

@@ -399,6 +399,12 @@ class Vmdk(DiskFormat):
                 "a bare VMDK extent has no descriptor to record a new size in", path=path
             )
         sectors = -(-new_size // SECTOR)
+        if sectors > dmod.MAX_SECTORS:
+            raise UsageError(
+                f"a VMDK cannot be {new_size} bytes (vmferry reads up to "
+                f"{dmod.MAX_SECTORS} sectors)",
+                path=path,
+            )
         if sectors * SECTOR < self.virtual_size:
             raise UnsupportedFeatureError(
                 "vmferry grows VMDK disks but does not shrink them",
@@ -459,6 +465,13 @@ class Vmdk(DiskFormat):
         refused before any change if one of their names is taken."""
         if remaining <= 0:
             return []
+        if len(desc.extents) + -(-remaining // cap) > dmod.MAX_EXTENTS:
+            raise UsageError(
+                f"growing this split disk by {remaining * SECTOR} bytes would take more than "
+                f"{dmod.MAX_EXTENTS} extent files",
+                path=str(self.file.path),
+                hint="convert it to a monolithic subformat first",
+            )
         final = self.file.path
         stem = final.name[:-5] if final.name.lower().endswith(".vmdk") else final.name
         letter = "s" if isinstance(last, SparseExtent) else "f"
