@@ -75,14 +75,14 @@ def test_read_into_gives_the_source_bytes(
     monkeypatch.setattr(sparse, "WINDOW", window)  # 0: the window is one record long
     monkeypatch.setattr(parallel, "parallel_workers", lambda: 2)
     batches: list[int] = []
-    real = sparse.map_batches
+    real = parallel.map_batches
 
     def spy(fn, items):  # type: ignore[no-untyped-def]
         items = list(items)
         batches.append(len(items))
         return real(fn, items)
 
-    monkeypatch.setattr(sparse, "map_batches", spy)
+    monkeypatch.setattr(parallel, "map_batches", spy)
     with vmferry.open(img, "vmdk") as disk:
         layer = disk.layers[0]
         for offset, length in _spans(size):

@@ -18,6 +18,11 @@ if TYPE_CHECKING:  # (imported when first needed: it pulls in logging, at every 
 
 T = TypeVar("T")
 R = TypeVar("R")
+#: a piece of a compressed unit (grain, cluster) to inflate into a result: (unit index, the key
+#: that identifies its stored bytes, offset in the result, offset in the unit, length)
+Piece = tuple[int, int, int, int, int]
+#: the last inflated unit, kept by a driver: (key, its bytes)
+LastUnit = tuple[int, bytes]
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
@@ -80,3 +85,32 @@ def thread_window(size: int) -> memoryview:
     if buf is None or len(buf) < size:
         buf = _WINDOWS.buf = bytearray(size)
     return memoryview(buf)[:size]
+
+
+def inflate_pieces(
+    view: memoryview,
+    pieces: list[Piece],
+    last: LastUnit | None,
+    batch: Callable[[list[Piece]], list[bytes | None]],
+    parallel: Callable[[list[Piece]], bool],
+) -> LastUnit | None:
+    """Fill ``view`` with ``pieces`` of compressed units; returns the unit to keep as ``last``.
+
+    Pieces of the unit inflated last are copied from it (small reads walking through one unit
+    inflate it once); the rest go to ``batch``, which inflates its pieces into ``view`` and
+    returns one result per piece, the last one's unit (None for the others): in one call, or
+    in one contiguous batch per core when ``parallel(todo)`` says it is worth it.
+    """
+    todo: list[Piece] = []
+    for piece in pieces:
+        _unit, key, dst, at, n = piece
+        if last is not None and last[0] == key:
+            view[dst : dst + n] = memoryview(last[1])[at : at + n]
+        else:
+            todo.append(piece)
+    if not todo:
+        return last
+    lasts = map_batches(batch, todo) if parallel(todo) else batch(todo)
+    unit = lasts[-1]
+    assert unit is not None
+    return todo[-1][1], unit

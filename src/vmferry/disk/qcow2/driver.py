@@ -30,7 +30,7 @@ from vmferry.disk.base import (
     zero_fill,
 )
 from vmferry.disk.blockfile import BlockFile
-from vmferry.disk.parallel import map_batches, parallel_workers, thread_window
+from vmferry.disk.parallel import Piece, inflate_pieces, parallel_workers, thread_window
 from vmferry.disk.qcow2 import header as hdr
 from vmferry.disk.qcow2.codec import (
     Compressor,
@@ -84,9 +84,6 @@ COMMIT_EVERY = 256 << 20
 #: bytes of packed compressed clusters a thread reads ahead while it inflates (fits a core's
 #: L2 cache; larger clusters get a window of two clusters)
 INFLATE_WINDOW = 512 * 1024
-#: a compressed cluster piece to read: (cluster index, L2 entry, offset in the result,
-#: offset in the cluster, length)
-_ClusterPiece = tuple[int, int, int, int, int]
 _ON_OFF = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
 
 
@@ -498,7 +495,7 @@ class Qcow2(DiskFormat):
 
     def _fill(self, offset: int, view: memoryview, *, zero_holes: bool) -> None:
         pos, end = offset, offset + len(view)
-        pieces: list[_ClusterPiece] = []  # compressed, inflated together at the end
+        pieces: list[Piece] = []  # compressed (keyed by L2 entry), inflated at the end
         while pos < end:
             kind, n, host = self._status(pos, end)
             part = view[pos - offset : pos - offset + n]
@@ -512,7 +509,7 @@ class Qcow2(DiskFormat):
         if pieces:
             self._inflate_into(view, pieces)
 
-    def _plan_compressed(self, pos: int, n: int, dst: int, pieces: list[_ClusterPiece]) -> None:
+    def _plan_compressed(self, pos: int, n: int, dst: int, pieces: list[Piece]) -> None:
         end = pos + n
         while pos < end:
             ci = pos >> self.cb
@@ -522,36 +519,28 @@ class Qcow2(DiskFormat):
             pos += k
             dst += k
 
-    def _inflate_into(self, view: memoryview, pieces: list[_ClusterPiece]) -> None:
+    def _inflate_into(self, view: memoryview, pieces: list[Piece]) -> None:
         """Inflate compressed clusters into ``view``, in one contiguous batch per core.
 
         Each batch reads the packed compressed bytes through a small per-thread window that
         stays in the core's cache and inflates from there, as streamOptimized VMDK grains are
         read: no buffer the size of the request is built, sliced or joined on the way.
         """
-        cached = self._last_cluster
-        todo: list[_ClusterPiece] = []
-        for piece in pieces:
-            _ci, e, dst, in_c, n = piece
-            if cached is not None and cached[0] == e:
-                view[dst : dst + n] = memoryview(cached[1])[in_c : in_c + n]
-            else:
-                todo.append(piece)
-        if not todo:
-            return
         if self.meta.compression_type == COMPRESSION_ZSTD:
             load_zstd()  # the missing-module error once, before any thread
         try:
-            if len(todo) >= 4 and parallel_workers() > 1:
-                lasts = map_batches(lambda batch: self._inflate_batch(view, batch), todo)
-            else:
-                lasts = self._inflate_batch(view, todo)
+            self._last_cluster = inflate_pieces(
+                view,
+                pieces,
+                self._last_cluster,
+                lambda batch: self._inflate_batch(view, batch),
+                lambda todo: len(todo) >= 4 and parallel_workers() > 1,
+            )
         except VmferryError as exc:
             exc.path = exc.path or str(self.file.path)
             raise
-        self._last_cluster = (todo[-1][1], lasts[-1])  # type: ignore[assignment]
 
-    def _inflate_batch(self, view: memoryview, pieces: list[_ClusterPiece]) -> list[bytes | None]:
+    def _inflate_batch(self, view: memoryview, pieces: list[Piece]) -> list[bytes | None]:
         """Inflate ``pieces`` into ``view``; one result per piece: the last one's cluster (to
         be cached), None for the rest."""
         cs = self.cs

@@ -87,10 +87,10 @@ class FlatExtent(ExtentBase):
 
 
 def _all_zero(f: BlockFile, offset: int, length: int) -> bool:
+    from vmferry.ops.sparse import is_zero  # (only a resize asks: not at start-up)
+
     step = 1 << 20
-    zeros = bytes(step)
-    for at in range(offset, offset + length, step):
-        n = min(step, offset + length - at)
-        if f.pread(at, n) != zeros[:n]:
-            return False
-    return True
+    return all(
+        is_zero(f.pread(at, min(step, offset + length - at)))
+        for at in range(offset, offset + length, step)
+    )

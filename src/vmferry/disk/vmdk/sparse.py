@@ -21,10 +21,10 @@ from collections.abc import Callable
 from typing import Any
 
 from vmferry._layout import Layout, raw, u8, u16, u32, u64
-from vmferry.disk.base import Alloc, CheckReport
+from vmferry.disk.base import Alloc, CheckReport, zero_fill
 from vmferry.disk.blockfile import BlockFile
 from vmferry.disk.deflate import zlib
-from vmferry.disk.parallel import map_batches, thread_window
+from vmferry.disk.parallel import Piece, inflate_pieces, thread_window
 from vmferry.disk.vmdk.extent import SECTOR, ExtentBase, Status
 from vmferry.errors import (
     CorruptImageError,
@@ -51,8 +51,6 @@ MARKER_EOS, MARKER_GT, MARKER_GD, MARKER_FOOTER = 0, 1, 2, 3
 MAX_GD_ENTRIES = 32 * 1024 * 1024
 #: grains larger than 32 MiB exist nowhere; the bound also caps a grain's inflated size
 MAX_GRAIN_SECTORS = 65536
-#: (grain index, grain sector, offset in the result, offset in the grain, length)
-_GrainPiece = tuple[int, int, int, int, int]
 
 
 class _ReadPlan:
@@ -63,7 +61,7 @@ class _ReadPlan:
 
     def __init__(self) -> None:
         self.runs: list[tuple[int, int, int]] = []
-        self.grains: list[_GrainPiece] = []
+        self.grains: list[Piece] = []  # keyed by the grain's sector
         self.holes: list[tuple[int, int]] = []
 
 
@@ -361,38 +359,27 @@ class SparseExtent(ExtentBase):
         for host, dst, n in plan.runs:
             self.file.pread_into(host, view[dst : dst + n])
         if zero_holes:
-            zero = memoryview(self._zero)
             for dst, n in plan.holes:
-                for at in range(dst, dst + n, len(zero)):
-                    k = min(len(zero), dst + n - at)
-                    view[at : at + k] = zero[:k]
+                zero_fill(view[dst : dst + n])
         if plan.grains:
             self._inflate_into(view, plan.grains)
 
-    def _inflate_into(self, view: memoryview, grains: list[_GrainPiece]) -> None:
+    def _inflate_into(self, view: memoryview, grains: list[Piece]) -> None:
         """Inflate compressed grains into ``view``, in one contiguous batch per core.
 
         Each batch walks its grains through a small window of the file that stays in the
         core's cache: reading a whole chunk's compressed bytes into one big buffer first made
         every copy after it miss the cache, and cost more than the inflating itself.
         """
-        cached = self._grain_cache
-        todo: list[_GrainPiece] = []
-        for piece in grains:
-            _gi, sector, dst, in_g, n = piece
-            if cached is not None and cached[0] == sector:
-                view[dst : dst + n] = memoryview(cached[1])[in_g : in_g + n]
-            else:
-                todo.append(piece)
-        if not todo:
-            return
-        if self._worth_parallel(todo):
-            lasts = map_batches(lambda batch: self._inflate_batch(view, batch), todo)
-        else:
-            lasts = self._inflate_batch(view, todo)
-        self._grain_cache = (todo[-1][1], lasts[-1])  # type: ignore[arg-type]
+        self._grain_cache = inflate_pieces(
+            view,
+            grains,
+            self._grain_cache,
+            lambda batch: self._inflate_batch(view, batch),
+            self._worth_parallel,
+        )
 
-    def _worth_parallel(self, grains: list[_GrainPiece]) -> bool:
+    def _worth_parallel(self, grains: list[Piece]) -> bool:
         """Whether these grains are worth other cores: not when they were stored rather than
         compressed (incompressible data), which the grain tables tell for free: such grains lie
         a grain or more apart.  Inflating a stored grain is a copy and a checksum; measured on
@@ -403,7 +390,7 @@ class SparseExtent(ExtentBase):
         span = (grains[-1][1] - grains[0][1]) * SECTOR
         return span < STORED_SPACING * self.grain * (len(grains) - 1)
 
-    def _inflate_batch(self, view: memoryview, pieces: list[_GrainPiece]) -> list[bytes | None]:
+    def _inflate_batch(self, view: memoryview, pieces: list[Piece]) -> list[bytes | None]:
         """Inflate ``pieces`` into ``view``; one result per piece: the last one's grain (to be
         cached), None for the rest."""
         assert self.file is not None
