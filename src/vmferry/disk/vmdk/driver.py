@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import itertools
 import os
 import re
 import secrets
@@ -88,11 +89,7 @@ class Vmdk(DiskFormat):
         self.parts = extents
         self.embedded = embedded  # the sparse extent whose header holds the descriptor
         self._starts: list[int] = []
-        pos = 0
-        for ext in extents:
-            self._starts.append(pos)
-            pos += ext.size
-        self.virtual_size = pos
+        self._place_extents()
         self.has_parent = desc is not None and desc.parent_hint is not None
         grains = [e.grain for e in extents if e.grain]
         self.granularity = max(grains) if grains else 65536
@@ -374,12 +371,12 @@ class Vmdk(DiskFormat):
                     (self.file.path.parent / line.filename).unlink(missing_ok=True)
             raise
         self.parts.extend(added)
-        self._starts = []
-        pos = 0
-        for ext in self.parts:
-            self._starts.append(pos)
-            pos += ext.size
-        self.virtual_size = pos
+        self._place_extents()
+
+    def _place_extents(self) -> None:
+        """Where each extent starts in the disk, and the disk's size: their sizes in order."""
+        ends = list(itertools.accumulate((e.size for e in self.parts), initial=0))
+        self._starts, self.virtual_size = ends[:-1], ends[-1]
 
     def cannot_resize(self, new_size: int) -> str | None:
         try:
