@@ -8,7 +8,6 @@ leaves either nothing or a finished image, never a half-written one under the us
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 from types import TracebackType
 
@@ -27,7 +26,7 @@ class AtomicOutput:
         #: killed process still leaves nothing half-written under the final name, but a power
         #: loss right after may leave a renamed file whose data never reached the disk
         self.durable = durable
-        self.tmp = self.final.with_name(f".{self.final.name}.vmferry-{secrets.token_hex(4)}")
+        self.tmp = self.final.with_name(f".{self.final.name}.vmferry-{os.urandom(4).hex()}")
         self.file: BlockFile | None = None
         self.committed = False
 

@@ -20,7 +20,6 @@ import copy
 import itertools
 import os
 import re
-import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, Self
@@ -725,9 +724,9 @@ def _new_sparse_extent(ef: BlockFile, sectors: int, zeroed: bool) -> SparseExten
 def _new_descriptor(
     sub: str, sectors: int, adapter: str, hw: str, parent: ParentInfo | None, path: str
 ) -> Descriptor:
-    cid = secrets.randbits(32)
+    cid = int.from_bytes(os.urandom(4))
     while cid == dmod.NO_PARENT_CID:
-        cid = secrets.randbits(32)
+        cid = int.from_bytes(os.urandom(4))
     parent_cid = dmod.NO_PARENT_CID
     if parent is not None:
         pid = parent.layer.identity().get("cid")
@@ -753,7 +752,7 @@ def _new_descriptor(
         "ddb.geometry.heads": str(heads),
         "ddb.geometry.sectors": "63",
         "ddb.adapterType": adapter,
-        "ddb.longContentID": secrets.token_hex(12) + f"{cid:08x}",
+        "ddb.longContentID": os.urandom(12).hex() + f"{cid:08x}",
     }
     if sub == "vmfsThin":
         ddb["ddb.thinProvisioned"] = "1"
@@ -765,10 +764,10 @@ def _fresh_cid(desc: Descriptor) -> None:
     old = desc.cid
     cid = old
     while cid in (old, dmod.NO_PARENT_CID):
-        cid = secrets.randbits(32)
+        cid = int.from_bytes(os.urandom(4))
     desc.cid = cid
     if "ddb.longContentID" in desc.ddb:
-        desc.ddb["ddb.longContentID"] = secrets.token_hex(12) + f"{cid:08x}"
+        desc.ddb["ddb.longContentID"] = os.urandom(12).hex() + f"{cid:08x}"
 
 
 def _set_geometry(desc: Descriptor, sectors: int) -> None:
