@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,38 @@ def test_apply_to_new_image_then_replan_is_empty(tmp_path: Path) -> None:
     changes, findings = plan_fixes(out, "kvm")
     assert changes == []  # idempotent
     assert findings == [f for f in result.plan.findings if f.rule == "initramfs"]
+
+
+@pytest.mark.parametrize(
+    ("name", "options"), [("fixed.vmdk", {"subformat": "streamOptimized"}), ("fixed.ova", {})]
+)
+def test_fix_into_an_append_only_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, options: dict
+) -> None:
+    """A streamOptimized VMDK (alone or in an OVA) is written front to back, once: the fixes
+    must be laid over the source in the same pass, not written over a finished copy."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")  # both plans write the same times
+    disk = _disk(tmp_path)
+    with apply_fixes(disk.img, "vmware") as planned:
+        assert planned.overlay is not None and planned.overlay.changes()
+        want = bytearray(disk.img.read_bytes())
+        for off, data in planned.overlay.iter_changes():
+            want[off : off + len(data)] = data
+    out = tmp_path / name
+    result = apply_fixes(disk.img, "vmware", output=out, options=options)
+    assert result.output == str(out)
+    vmdk = out
+    if name.endswith(".ova"):  # the disk inside, taken out by Python's tarfile
+        with tarfile.open(out) as tar:
+            member = next(m for m in tar.getmembers() if m.name.endswith(".vmdk"))
+            vmdk = tmp_path / "inside.vmdk"
+            vmdk.write_bytes(tar.extractfile(member).read())  # type: ignore[union-attr]
+    flat = tmp_path / "flat.raw"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "vmdk", "-O", "raw", str(vmdk), str(flat)], check=True
+    )
+    assert flat.read_bytes() == bytes(want)
+    _check_output(flat, disk, tmp_path, result.plan.changes)
 
 
 def test_in_place_and_dry_run(tmp_path: Path) -> None:

@@ -16,7 +16,6 @@ from tests.conftest import qemu_img, qemu_img_info
 from tests.guest.conftest import debugfs_cat, e2fsck_clean, extract
 from tests.migrate.conftest import MIB, raw_disk, sha256_files, to_format
 from vmferry.migrate import migrate
-from vmferry.migrate.pipeline import CHUNK, read_plan
 
 ROOT_PART = (2048 * 512, 81920 * 512)  # p1 of tests/guest/conftest.build_guest_disk
 
@@ -79,26 +78,6 @@ def test_output_stays_sparse(tmp_path: Path) -> None:
     assert qemu_img("compare", "-f", "raw", "-F", "qcow2", str(raw), str(out)).returncode == 0
     assert result.disks[0].bytes_written == 3 * MIB
     assert qemu_img_info(out)["virtual-size"] == 256 * MIB
-
-
-def test_read_plan_reads_only_changed_ranges_through_the_overlay(tmp_path: Path) -> None:
-    from vmferry.chain import open_chain
-    from vmferry.guest.overlay import Overlay
-
-    raw = raw_disk(tmp_path / "d.raw", 64 * MIB, [(0, 20 * MIB)])
-    with open_chain(raw) as chain:
-        ov = Overlay(chain)
-        ov.write(3 * MIB, b"x" * 100)  # inside data
-        ov.write(40 * MIB, b"y" * 5000)  # where the source has a hole
-        plan = read_plan(chain, ov)
-        through = [(o, n) for o, n, r in plan if r == ov.read]
-        direct = [(o, n) for o, n, r in plan if r != ov.read]
-        changed = 3 * MIB // CHUNK * CHUNK  # the one data piece holding changed bytes
-        assert through == [(changed, CHUNK), (40 * MIB, 8192)]
-        pieces = [(o, min(CHUNK, 20 * MIB - o)) for o in range(0, 20 * MIB, CHUNK)]
-        assert direct == [p for p in pieces if p[0] != changed]
-        offsets = [o for o, _, _ in plan]
-        assert offsets == sorted(offsets)
 
 
 def test_kept_data_is_copied_from_every_layer_of_a_chain(tmp_path: Path) -> None:

@@ -55,6 +55,16 @@ def output_driver(dst: str | os.PathLike[str], dst_format: str | None) -> type[D
     return drv
 
 
+def check_create_options(driver: type[DiskFormat], options: Mapping[str, str]) -> None:
+    """Refuse options ``driver`` does not take, before any file is made."""
+    unknown = sorted(set(options) - set(driver.create_options))
+    if unknown:
+        raise UsageError(
+            f"{driver.name} does not take option(s) {', '.join(unknown)}",
+            hint="it takes: " + (", ".join(sorted(driver.create_options)) or "none"),
+        )
+
+
 def _read_plan(src: Chain, chunk: int) -> tuple[list[tuple[DiskFormat, int, int]], int]:
     """Chunk-sized reads of every data run, in disk order, each from the layer that holds it."""
     plan: list[tuple[DiskFormat, int, int]] = []
@@ -144,12 +154,7 @@ def convert(
     """
     driver = output_driver(dst, dst_format)
     opts = dict(options or {})
-    unknown = sorted(set(opts) - set(driver.create_options))
-    if unknown:
-        raise UsageError(
-            f"{driver.name} does not take option(s) {', '.join(unknown)}",
-            hint="it takes: " + (", ".join(sorted(driver.create_options)) or "none"),
-        )
+    check_create_options(driver, opts)
     if os.path.abspath(src) == os.path.abspath(dst):
         raise UsageError("source and destination are the same file")
     started = time.monotonic()

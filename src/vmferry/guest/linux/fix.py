@@ -292,20 +292,16 @@ def _write_output(
     options: Mapping[str, str] | None,
     overwrite: bool,
 ) -> None:
-    """Convert the source chain into ``output`` and lay the overlay's edits over it."""
-    from vmferry.ops.atomic import AtomicOutput
-    from vmferry.ops.convert import copy_chain, output_driver
-    from vmferry.ops.progress import NoProgress
+    """Write the source chain with the overlay's edits into ``output``, in one pass: each
+    edited block is written once, which an append-only output (streamOptimized VMDK) needs."""
+    from vmferry.ops.convert import output_driver
+    from vmferry.ops.stream import read_plan, stream_to_image
 
-    driver = output_driver(output, output_format)
-    with AtomicOutput(output, overwrite=overwrite) as out:
-        assert out.file is not None
-        layer = driver.create(out.file, disk.virtual_size, dict(options or {}), None)
-        try:
-            copy_chain(disk, layer, NoProgress())
-            for off, data in overlay.iter_changes():
-                layer.write(off, data)
-            layer.flush()
-            out.commit()
-        finally:
-            layer.close()
+    stream_to_image(
+        read_plan(disk, overlay),
+        disk.virtual_size,
+        output,
+        output_driver(output, output_format),
+        options,
+        overwrite=overwrite,
+    )
