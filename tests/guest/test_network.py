@@ -307,7 +307,9 @@ def test_pin_rule_parses_cleanly_in_udev(tmp_path: Path) -> None:
     (rules / "70-vmferry-net.rules").write_text(good)
     (rules / "71-broken.rules").write_text(good.replace('DRIVERS=="', 'DRIVERS="'))
     script = (
-        f"mount --bind {rules} /etc/udev/rules.d && mount -t tmpfs tmpfs /run/udev && "
+        # a fresh /run of its own: udev's runtime directory need not exist on the host
+        f"mount --bind {rules} /etc/udev/rules.d && mount -t tmpfs tmpfs /run && "
+        "mkdir /run/udev && "
         "udevadm test --action=add /sys/class/net/lo"
     )
     proc = subprocess.run(
