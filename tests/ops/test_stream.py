@@ -113,3 +113,20 @@ def test_unknown_option_is_refused_before_any_file_is_made(tmp_path: Path) -> No
             {"bogus": "1"},
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.raw"]
+
+
+def test_a_write_error_names_the_output_not_its_hidden_temporary(tmp_path: Path) -> None:
+    """Pieces out of order are refused by a streamOptimized output; the error must name the
+    file the user asked for (the temporary one is deleted on the way out)."""
+    from vmferry.errors import UnsupportedFeatureError
+
+    raw = _raw(tmp_path / "d.raw", 8 * MIB, [(0, 4 * MIB)])
+    out = tmp_path / "o.vmdk"
+    with open_chain(raw) as chain:
+        backwards = sorted(read_plan(chain, None), key=lambda p: -p[0])
+        with pytest.raises(UnsupportedFeatureError, match="front to back") as err:
+            stream_to_image(
+                backwards, 8 * MIB, out, driver_by_name("vmdk"), {"subformat": "streamOptimized"}
+            )
+    assert err.value.path == str(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.raw"]

@@ -12,7 +12,7 @@ from pathlib import Path
 from types import TracebackType
 
 from vmferry.disk.blockfile import BlockFile
-from vmferry.errors import UsageError
+from vmferry.errors import UsageError, VmferryError
 from vmferry.fsutil import sync_dir
 
 
@@ -70,6 +70,9 @@ class AtomicOutput:
     ) -> None:
         if self.file is not None and self.file.fd >= 0 and exc_type is not None:
             self.file.close()
+        if isinstance(exc, VmferryError) and exc.path == str(self.tmp):
+            # the hidden name is about to vanish: the user knows the output by its own name
+            exc.path = str(self.final)
         if not self.committed:
             for path in [str(self.tmp), *getattr(self, "companions", [])]:
                 try:
