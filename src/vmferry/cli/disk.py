@@ -17,11 +17,6 @@ from vmferry.cli.common import (
     progress_option,
     share_options,
 )
-from vmferry.ops.compare import compare
-from vmferry.ops.convert import convert
-from vmferry.ops.create import create
-from vmferry.ops.inspect import check_image, image_info, map_image
-from vmferry.ops.measure import measure
 
 # qemu-img check's exit codes: 0 clean, 2 corruptions, 3 leaks only, 63 check not supported
 EXIT_CORRUPT, EXIT_LEAKS, EXIT_UNSUPPORTED = 2, 3, 63
@@ -43,6 +38,8 @@ def info(
     as_json: bool,
 ) -> None:
     """Show format, sizes, identity and parent of IMAGE."""
+    from vmferry.ops.inspect import image_info
+
     data = image_info(image, fmt, chain=chain, allowed_dirs=allow_dirs, force_share=force_share)
     if as_json:
         emit_json(data)
@@ -93,6 +90,8 @@ def check(
     image: str, fmt: str | None, allow_dirs: tuple[str, ...], force_share: bool, as_json: bool
 ) -> None:
     """Check the structure of IMAGE (exit 0 clean, 2 corrupt, 3 leaks only, 63 unsupported)."""
+    from vmferry.ops.inspect import check_image
+
     report, meta = check_image(image, fmt, allowed_dirs=allow_dirs, force_share=force_share)
     code = EXIT_CORRUPT if report.corruptions else EXIT_LEAKS if report.leaks else 0
     if as_json:
@@ -159,6 +158,8 @@ def convert_cmd(
     as_json: bool,
 ) -> None:
     """Convert SRC (flattening its chain) into a new image DST."""
+    from vmferry.ops.convert import convert
+
     result = convert(
         src,
         dst,
@@ -210,6 +211,8 @@ def create_cmd(
 ) -> None:
     """Create DST of SIZE (10G, 512M, bytes), or a child of -b PARENT."""
     nbytes = parse_size(size) if size is not None else None
+    from vmferry.ops.create import create
+
     chain = create(
         dst,
         fmt,
@@ -255,6 +258,8 @@ def compare_cmd(
     as_json: bool,
 ) -> None:
     """Compare what A and B show a guest (exit 0 identical, 1 different)."""
+    from vmferry.ops.compare import compare
+
     result = compare(
         a,
         b,
@@ -284,6 +289,8 @@ def map_cmd(
     image: str, fmt: str | None, allow_dirs: tuple[str, ...], force_share: bool, as_json: bool
 ) -> None:
     """Show which layer holds each run of IMAGE's data (qemu-img map)."""
+    from vmferry.ops.inspect import map_image
+
     records = map_image(image, fmt, allowed_dirs=allow_dirs, force_share=force_share)
     if as_json:
         emit_json(records)
@@ -317,6 +324,8 @@ def measure_cmd(
     as_json: bool,
 ) -> None:
     """How many bytes converting SRC to -O FORMAT needs."""
+    from vmferry.ops.measure import measure
+
     result = measure(
         src,
         out_fmt,
