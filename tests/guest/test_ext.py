@@ -397,8 +397,6 @@ def test_create_files_and_symlinks_keeps_e2fsck_clean(fx: Fixture) -> None:
             fs.create_file(f"/tmp/{name}", name.encode())
         with pytest.raises(GuestWriteRefusedError, match="exists"):
             fs.create_file("/etc/fstab", b"")
-        with pytest.raises(GuestWriteRefusedError, match="indexed"):
-            fs.create_file("/bigdir/new", b"")
         out = fx.tmp / "after.raw"
         out.write_bytes(ov.read(START, SIZE))
     ok, report = e2fsck_clean(out)
@@ -420,6 +418,97 @@ def test_create_files_and_symlinks_keeps_e2fsck_clean(fx: Fixture) -> None:
         assert fs.read_file("/etc/fastlink") == (fx.root / "etc/fstab").read_bytes()
         assert fs.readlink("/etc/slowlink") == long_target
         assert fs.stat("/boot/vmferry-extra.img").perm == 0o600
+
+
+def _thin_bigdir(fx: Fixture) -> Path:
+    """The fixture's partition with three of every four /bigdir entries removed by debugfs
+    (room in every htree leaf; the index itself is left as e2fsck -D built it)."""
+    part = fx.part("thinned.raw")
+    cmds = fx.tmp / "rm.cmds"
+    cmds.write_text(
+        "".join(f"rm /bigdir/entry-with-a-fairly-long-name-{i:04d}\n" for i in range(400) if i % 4)
+    )
+    subprocess.run(["debugfs", "-w", "-f", str(cmds), str(part)], capture_output=True, check=True)
+    ok, report = e2fsck_clean(part)
+    assert ok, report
+    return part
+
+
+#: names whose hashes spread over the whole index, two with bytes above 0x7f (where the signed
+#: and unsigned hash flavours differ); short enough (~530 bytes in all) to fit even if every one
+#: hashed into the same thinned 1 KiB leaf, whatever seed mke2fs picked
+HTREE_NAMES = [f"n{i:02d}" for i in range(40)] + ["café-ü", "\u20ac-e"]
+
+
+def test_new_entries_in_an_indexed_directory_land_where_the_index_looks(fx: Fixture) -> None:
+    """e2fsck checks every htree leaf's hashes against the range its index entry gives it, so
+    an entry in the wrong leaf is an error it reports (the next test proves it does)."""
+    part = _thin_bigdir(fx)
+    with vmferry.open(part) as disk:
+        ov = Overlay(disk)
+        fs = ExtFilesystem(ov)
+        for name in HTREE_NAMES:
+            fs.create_file(f"/bigdir/{name}", name.encode())
+        out = fx.tmp / "after.raw"
+        out.write_bytes(ov.read(0, ov.virtual_size))
+    ok, report = e2fsck_clean(out)
+    assert ok, report
+    dump = subprocess.run(
+        ["debugfs", "-R", "htree_dump /bigdir", str(out)], capture_output=True, text=True
+    ).stdout
+    assert "Root node dump" in dump  # still indexed: nothing was rebuilt
+    for name in HTREE_NAMES:
+        assert debugfs_cat(out, f"/bigdir/{name}") == name.encode()
+    with vmferry.open(out) as disk:
+        names = {e.name for e in ExtFilesystem(disk).listdir("/bigdir")}
+    assert set(HTREE_NAMES) - names == set()
+    assert len(names) == 100 + len(HTREE_NAMES)
+
+
+def test_an_entry_in_the_wrong_leaf_is_caught_by_the_oracle(
+    fx: Fixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vmferry.guest.fs.ext as ext
+
+    part = _thin_bigdir(fx)
+    monkeypatch.setattr(ext, "name_hash", lambda *a: 0)  # every name into the first leaf
+    with vmferry.open(part) as disk:
+        ov = Overlay(disk)
+        fs = ExtFilesystem(ov)
+        for name in HTREE_NAMES[:20]:
+            fs.create_file(f"/bigdir/{name}", b"")
+        out = fx.tmp / "wrong.raw"
+        out.write_bytes(ov.read(0, ov.virtual_size))
+    ok, report = e2fsck_clean(out)
+    assert not ok and "HTREE" in report.upper()
+
+
+def test_a_full_htree_leaf_is_refused_before_any_write(fx: Fixture) -> None:
+    """vmferry does not split leaves: entries go in until the leaf a name hashes to is full,
+    then that name is refused by ``check_creatable``, and nothing of it is written."""
+    with vmferry.open(fx.img) as disk:
+        ov = Overlay(disk)
+        fs = _fs(ov)
+        refused = None
+        for i in range(3000):
+            name = f"/bigdir/fill-{i:05d}-" + "z" * 40
+            try:
+                fs.check_creatable(name)
+            except GuestWriteRefusedError as exc:
+                refused = (name, exc)
+                break
+            fs.create_file(name, b"")
+        assert refused is not None, "no leaf ever filled up"
+        name, exc = refused
+        assert "full" in str(exc)
+        before = ov.read(START, SIZE)
+        with pytest.raises(GuestWriteRefusedError, match="full"):
+            fs.create_file(name, b"x")
+        assert ov.read(START, SIZE) == before
+        out = fx.tmp / "full.raw"
+        out.write_bytes(before)
+    ok, report = e2fsck_clean(out)
+    assert ok, report
 
 
 def _walk(fs: ExtFilesystem, path: str, depth: int = 0) -> None:

@@ -5,7 +5,8 @@ Reading covers what inspection needs: superblock and features, 32/64-bit group d
 directories (htree directories read as linear: their index blocks look like empty entries),
 fast and slow symlinks, and path lookup with symlinks resolved inside the filesystem, bounded.
 
-Writing covers what repairs need: replace the content of an existing regular file.  The file's
+Writing covers what repairs need: replace the content of an existing regular file, and add a
+file or symlink to a directory (an indexed one only where the name's leaf has room).  The file's
 old blocks are freed and new ones allocated, so growing, shrinking and fragmentation all go
 through one path; bitmaps, group descriptor and superblock free counts, and every metadata_csum
 (or uninit_bg) checksum touched are recomputed.  ``e2fsck -fn`` is the judge in the tests.
@@ -31,10 +32,13 @@ from vmferry.guest.errors import (
     UnsupportedGuestFeatureError,
 )
 from vmferry.guest.fs import clock
+from vmferry.guest.fs.ext_hash import effective_version, name_hash
 from vmferry.guest.fs.ext_layout import (
     BG_BLOCK_UNINIT,
     BG_INODE_UNINIT,
     COMPAT,
+    COMPAT_DIR_INDEX,
+    DX_ROOT_INFO,
     EXT4_APPEND_FL,
     EXT4_CASEFOLD_FL,
     EXT4_EA_INODE_FL,
@@ -52,6 +56,7 @@ from vmferry.guest.fs.ext_layout import (
     INCOMPAT_64BIT,
     INCOMPAT_CSUM_SEED,
     INCOMPAT_EXTENTS,
+    INCOMPAT_LARGEDIR,
     INCOMPAT_META_BG,
     INCOMPAT_READ_OK,
     INCOMPAT_RECOVER,
@@ -704,14 +709,62 @@ class ExtFilesystem(TreeFilesystem):
         if parent.kind != "dir":
             raise NotADirectoryInGuestError(f"{parent_path}: not a directory")
         self._check_inode_writable(parent, parent_path or "/")
-        if parent.base.flags & (EXT4_INDEX_FL | EXT4_CASEFOLD_FL):
+        if parent.base.flags & EXT4_CASEFOLD_FL:
             raise GuestWriteRefusedError(
-                f"{parent_path or '/'}: vmferry does not add entries to indexed (htree) or "
-                "case-folded directories"
+                f"{parent_path or '/'}: vmferry does not add entries to case-folded directories"
             )
         if self._lookup_in(parent.ino, name) is not None:
             raise GuestWriteRefusedError(f"{path}: already exists")
+        if parent.base.flags & EXT4_INDEX_FL:
+            self._htree_leaf(parent, raw_name, parent_path or "/")  # refuses a full leaf now
         return parent, name
+
+    def _htree_leaf(self, parent: Inode, raw_name: bytes, where: str) -> int:
+        """The logical block of the leaf an indexed (htree) directory keeps ``raw_name`` in,
+        refused unless that leaf has room for it.
+
+        Why only then: the index blocks are never rewritten (no leaf split, no new index
+        entry), so an entry goes in exactly where the kernel's lookup will look for it: the leaf
+        whose hash range holds the name's hash, found as ``dx_probe`` finds it.
+        """
+        if not self.sb.feature_compat & COMPAT_DIR_INDEX:
+            raise GuestWriteRefusedError(
+                f"{where}: indexed directory without the dir_index feature"
+            )
+        bs = self.block_size
+        data = self.read_inode_data(parent, MAX_DIR_BYTES)
+        nblocks = len(data) // bs
+        root = data[:bs]
+        zero, version, info_len, levels = struct.unpack_from("<IBBB", root, DX_ROOT_INFO)
+        max_levels = 3 if self.sb.feature_incompat & INCOMPAT_LARGEDIR else 2
+        if zero != 0 or info_len != 8 or levels >= max_levels:
+            raise GuestWriteRefusedError(
+                f"{where}: htree root of a form vmferry does not know (levels {levels})"
+            )
+        want = name_hash(raw_name, effective_version(version, self.sb.flags), self.sb.hash_seed)
+        block, at = root, DX_ROOT_INFO + 8
+        for level in range(levels + 1):
+            limit, count = struct.unpack_from("<HH", block, at)
+            if not 0 < count <= limit or at + 8 * limit > bs:
+                raise CorruptGuestError(f"{where}: htree index with {count} of {limit} entries")
+            pick = 0
+            for i in range(1, count):
+                if struct.unpack_from("<I", block, at + 8 * i)[0] > want:
+                    break
+                pick = i
+            logical = struct.unpack_from("<I", block, at + 8 * pick + 4)[0] & 0x0FFFFFFF
+            if not 0 < logical < nblocks:
+                raise CorruptGuestError(f"{where}: htree points at block {logical}")
+            if level < levels:
+                block, at = data[logical * bs : (logical + 1) * bs], 8
+        need = (8 + len(raw_name) + 3) & ~3
+        usable = bs - (12 if self.metadata_csum else 0)
+        if _hole_for(data, logical * bs, usable, need, where) is None:
+            raise GuestWriteRefusedError(
+                f"{where}: the htree leaf for this name is full; vmferry does not split htree "
+                "blocks"
+            )
+        return logical
 
     def _new_inode(self, parent: Inode, mode: int, uid: int, gid: int, extents: bool) -> Inode:
         ino = self._allocate_inode((parent.ino - 1) // self.sb.inodes_per_group)
@@ -809,23 +862,23 @@ class ExtFilesystem(TreeFilesystem):
         tail = 12 if self.metadata_csum else 0
         data = bytearray(self.read_inode_data(parent, MAX_DIR_BYTES))
         entry = DirEntryHead(ino, 0, len(raw_name), ft)
-        for base in range(0, len(data), bs):
-            pos, end = base, base + bs - tail
-            while pos + 8 <= end:
-                h = DirEntryHead.unpack(data, pos)
-                if h.rec_len < 8 or pos + h.rec_len > end:
-                    raise CorruptGuestError(f"directory inode {parent.ino}: bad entry length")
-                used = (8 + h.name_len + 3) & ~3 if h.inode else 0
-                if h.rec_len - used >= need:
-                    if used:
-                        data[pos : pos + 8] = h.replace(rec_len=used).pack()
-                    at = pos + used
-                    data[at : at + 8] = entry.replace(rec_len=h.rec_len - used).pack()
-                    data[at + 8 : at + 8 + len(raw_name)] = raw_name
-                    self._write_dir_block(parent, base // bs, data[base : base + bs])
-                    self._touch(parent)
-                    return
-                pos += h.rec_len
+        if parent.base.flags & EXT4_INDEX_FL:
+            bases = [self._htree_leaf(parent, raw_name, f"directory inode {parent.ino}") * bs]
+        else:
+            bases = list(range(0, len(data), bs))
+        for base in bases:
+            hole = _hole_for(data, base, bs - tail, need, f"directory inode {parent.ino}")
+            if hole is None:
+                continue
+            pos, used, rec_len = hole
+            if used:
+                data[pos : pos + 8] = DirEntryHead.unpack(data, pos).replace(rec_len=used).pack()
+            at = pos + used
+            data[at : at + 8] = entry.replace(rec_len=rec_len - used).pack()
+            data[at + 8 : at + 8 + len(raw_name)] = raw_name
+            self._write_dir_block(parent, base // bs, data[base : base + bs])
+            self._touch(parent)
+            return
         block = bytearray(bs)
         block[:8] = entry.replace(rec_len=bs - tail).pack()
         block[8 : 8 + len(raw_name)] = raw_name
@@ -1151,3 +1204,21 @@ class ExtFilesystem(TreeFilesystem):
                 crc = crc16(crc, raw_desc[GD_CHECKSUM_OFFSET + 2 :])
             return crc
         return 0
+
+
+def _hole_for(
+    data: bytes | bytearray, base: int, usable: int, need: int, what: str
+) -> tuple[int, int, int] | None:
+    """The first entry of the directory block at ``base`` (its first ``usable`` bytes: the
+    rest is the checksum tail) with ``need`` spare bytes after its own name: (its position,
+    the bytes it keeps, its record length), or None."""
+    pos, end = base, base + usable
+    while pos + 8 <= end:
+        h = DirEntryHead.unpack(data, pos)
+        if h.rec_len < 8 or pos + h.rec_len > end:
+            raise CorruptGuestError(f"{what}: bad entry length")
+        used = (8 + h.name_len + 3) & ~3 if h.inode else 0
+        if h.rec_len - used >= need:
+            return pos, used, h.rec_len
+        pos += h.rec_len
+    return None
