@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,34 @@ def check_create_options(driver: type[DiskFormat], options: Mapping[str, str]) -
             f"{driver.name} does not take option(s) {', '.join(unknown)}",
             hint="it takes: " + (", ".join(sorted(driver.create_options)) or "none"),
         )
+
+
+@contextmanager
+def new_image(
+    path: str | os.PathLike[str],
+    driver: type[DiskFormat],
+    size: int,
+    options: Mapping[str, str],
+    *,
+    overwrite: bool = False,
+    durable: bool = True,
+) -> Iterator[DiskFormat]:
+    """A fresh ``driver`` image at ``path`` for the caller to fill: written under a temporary
+    name (:class:`~vmferry.ops.atomic.AtomicOutput`) with the drivers' ordering fsyncs skipped,
+    because nothing can see it until it is whole; on a clean exit flushed, synced once (unless
+    not ``durable``) and renamed into place; closed either way, its extent files removed on a
+    failure."""
+    with AtomicOutput(path, overwrite=overwrite, durable=durable) as out:
+        assert out.file is not None
+        out.file.cache_unsafe = True  # synced once, whole, before the rename
+        layer = driver.create(out.file, size, dict(options), None)
+        out.discard_with(layer.files())
+        try:
+            yield layer
+            layer.flush()
+            out.commit()
+        finally:
+            layer.close()
 
 
 def _read_plan(src: Chain, chunk: int) -> tuple[list[tuple[DiskFormat, int, int]], int]:
@@ -159,19 +188,10 @@ def convert(
         raise UsageError("source and destination are the same file")
     started = time.monotonic()
     with open_chain(src, src_format, allowed_dirs=allowed_dirs, force_share=force_share) as chain:
-        with AtomicOutput(dst, overwrite=overwrite, durable=sync) as out:
-            assert out.file is not None
-            out.file.cache_unsafe = True  # synced once, whole, before the rename
-            layer = driver.create(out.file, chain.virtual_size, opts, None)
-            out.discard_with(layer.files())
-            try:
-                read_bytes, written = copy_chain(
-                    chain, layer, progress or NoProgress(), writeback=sync
-                )
-                layer.flush()
-                out.commit()
-            finally:
-                layer.close()
+        with new_image(
+            dst, driver, chain.virtual_size, opts, overwrite=overwrite, durable=sync
+        ) as layer:
+            read_bytes, written = copy_chain(chain, layer, progress or NoProgress(), writeback=sync)
         return ConvertResult(
             source=str(src),
             destination=str(dst),

@@ -22,8 +22,7 @@ from typing import Protocol
 from vmferry.chain import Chain
 from vmferry.disk import DiskFormat
 from vmferry.disk.readahead import CACHED_CHUNK, Readable, read_ahead
-from vmferry.ops.atomic import AtomicOutput
-from vmferry.ops.convert import check_create_options, write_nonzero
+from vmferry.ops.convert import check_create_options, new_image, write_nonzero
 from vmferry.ops.progress import NoProgress, Progress
 
 #: (offset, length, source): ``source.read(offset, length)`` returns those bytes of the disk
@@ -117,7 +116,7 @@ def stream_to_image(
     after_chunk: Callable[[], None] | None = None,
 ) -> Streamed:
     """Write ``plan`` into a new ``driver`` image at ``out_path`` (whole and synced, or not at
-    all: :class:`~vmferry.ops.atomic.AtomicOutput`).
+    all: :func:`~vmferry.ops.convert.new_image`).
 
     The output goes through the page cache with writeback started as it goes, not O_DIRECT:
     migrate's verify re-reads the whole output right after, from memory this way.
@@ -129,29 +128,20 @@ def stream_to_image(
     progress = progress or NoProgress()
     total = sum(n for _, n, _ in plan)
     sources = [(_Tapped(src, tap) if tap else src, pos, n) for pos, n, src in plan]
-    with AtomicOutput(out_path, overwrite=overwrite) as out:
-        assert out.file is not None
-        out.file.cache_unsafe = True  # synced once, whole, before the rename
-        layer = driver.create(out.file, virtual_size, opts, None)
-        out.discard_with(layer.files())
+    with new_image(out_path, driver, virtual_size, opts, overwrite=overwrite) as layer:
+        progress.start(total, description)
+        chunks = read_ahead(sources)
         try:
-            progress.start(total, description)
-            chunks = read_ahead(sources)
-            try:
-                written = write_nonzero(
-                    [(pos, n) for pos, n, _ in plan],
-                    chunks,
-                    layer,
-                    progress,
-                    writeback=True,
-                    after_chunk=after_chunk,
-                )
-            finally:
-                chunks.close()  # the reader thread has stopped: ``tap`` has seen every piece
-            progress.finish()
-            layer.flush()
-            out_size = layer.virtual_size
-            out.commit()
+            written = write_nonzero(
+                [(pos, n) for pos, n, _ in plan],
+                chunks,
+                layer,
+                progress,
+                writeback=True,
+                after_chunk=after_chunk,
+            )
         finally:
-            layer.close()
+            chunks.close()  # the reader thread has stopped: ``tap`` has seen every piece
+        progress.finish()
+        out_size = layer.virtual_size
     return Streamed(total, written, out_size)
