@@ -716,12 +716,15 @@ class ExtFilesystem(TreeFilesystem):
         if self._lookup_in(parent.ino, name) is not None:
             raise GuestWriteRefusedError(f"{path}: already exists")
         if parent.base.flags & EXT4_INDEX_FL:
-            self._htree_leaf(parent, raw_name, parent_path or "/")  # refuses a full leaf now
+            data = self.read_inode_data(parent, MAX_DIR_BYTES)
+            self._htree_leaf(parent, data, raw_name, parent_path or "/")  # refuses a full leaf
         return parent, name
 
-    def _htree_leaf(self, parent: Inode, raw_name: bytes, where: str) -> int:
-        """The logical block of the leaf an indexed (htree) directory keeps ``raw_name`` in,
-        refused unless that leaf has room for it.
+    def _htree_leaf(
+        self, parent: Inode, data: bytes | bytearray, raw_name: bytes, where: str
+    ) -> int:
+        """The logical block of the leaf an indexed (htree) directory (its content ``data``)
+        keeps ``raw_name`` in, refused unless that leaf has room for it.
 
         Why only then: the index blocks are never rewritten (no leaf split, no new index
         entry), so an entry goes in exactly where the kernel's lookup will look for it: the leaf
@@ -732,7 +735,6 @@ class ExtFilesystem(TreeFilesystem):
                 f"{where}: indexed directory without the dir_index feature"
             )
         bs = self.block_size
-        data = self.read_inode_data(parent, MAX_DIR_BYTES)
         nblocks = len(data) // bs
         root = data[:bs]
         zero, version, info_len, levels = struct.unpack_from("<IBBB", root, DX_ROOT_INFO)
@@ -863,7 +865,7 @@ class ExtFilesystem(TreeFilesystem):
         data = bytearray(self.read_inode_data(parent, MAX_DIR_BYTES))
         entry = DirEntryHead(ino, 0, len(raw_name), ft)
         if parent.base.flags & EXT4_INDEX_FL:
-            bases = [self._htree_leaf(parent, raw_name, f"directory inode {parent.ino}") * bs]
+            bases = [self._htree_leaf(parent, data, raw_name, f"directory inode {parent.ino}") * bs]
         else:
             bases = list(range(0, len(data), bs))
         for base in bases:
